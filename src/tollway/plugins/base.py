@@ -1,0 +1,98 @@
+"""The plugin interface: a name, a priority, a pydantic config schema, phase hooks.
+
+A plugin subclasses `Plugin`, sets `name`, `priority` and `Config`, and overrides
+only the hooks it needs; the pipeline calls only overridden hooks, so an unused
+phase costs nothing. Higher priority runs first in the access phase and in the
+response phases (Kong's convention), so request-id (high) runs before auth and
+limits, and its response header is set before the access log reads it.
+
+Phases, in order:
+- access(ctx): before the upstream is called. Return None to go on, or a
+  `Response` to answer at once. May return an awaitable (Redis, database); the
+  pipeline only leaves the synchronous fast path when one does.
+- response_headers(ctx, head): mutate the status/headers about to go to the client,
+  for upstream and gateway-made responses alike.
+- body_filter(ctx, head): return a `BodyFilter` to rewrite the response body
+  (gzip), or None. Called after response_headers. A filter makes the body length
+  unknown: the server re-frames the body (chunked, or close on HTTP/1.0).
+- log(ctx): after the last byte went out, off the response path. Never raise.
+
+Plugins keep per-request state only in `ctx.vars`, keyed by their name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from tollway.gateway.context import RequestContext, Response, ResponseHead
+
+
+class PluginConfig(BaseModel):
+    """Base of every plugin's config schema: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+ConfigT = TypeVar("ConfigT", bound=PluginConfig)
+
+AccessResult = Response | None | Awaitable[Response | None]
+
+
+class BodyFilter:
+    """Rewrites a response body chunk by chunk."""
+
+    def feed(self, chunk: bytes) -> bytes:
+        raise NotImplementedError
+
+    def finish(self) -> bytes:
+        return b""
+
+
+class Plugin(Generic[ConfigT]):
+    name: ClassVar[str]
+    priority: ClassVar[int]
+    Config: ClassVar[type[PluginConfig]]
+
+    def __init__(self, config: ConfigT) -> None:
+        self.config = config
+
+    def access(self, ctx: RequestContext) -> AccessResult:
+        return None
+
+    def response_headers(self, ctx: RequestContext, head: ResponseHead) -> None:
+        return None
+
+    def body_filter(self, ctx: RequestContext, head: ResponseHead) -> BodyFilter | None:
+        return None
+
+    def log(self, ctx: RequestContext) -> None:
+        return None
+
+    def close(self) -> None:
+        """Release resources when the config snapshot that built it is retired."""
+        return None
+
+    @classmethod
+    def overrides(cls, hook: str) -> bool:
+        return getattr(cls, hook) is not getattr(Plugin, hook)
+
+
+PLUGINS: dict[str, type[Plugin[Any]]] = {}
+
+
+def register(cls: type[Plugin[Any]]) -> type[Plugin[Any]]:
+    """Class decorator: make a plugin known to the config loader by its name."""
+    if cls.name in PLUGINS and PLUGINS[cls.name] is not cls:
+        raise ValueError(f"plugin {cls.name!r} registered twice")
+    PLUGINS[cls.name] = cls
+    return cls
+
+
+def load_builtin_plugins() -> dict[str, type[Plugin[Any]]]:
+    """Import the bundled plugins so that they register; returns the registry."""
+    import tollway.plugins.builtin  # noqa: F401  (the import registers them)
+
+    return PLUGINS
