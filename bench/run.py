@@ -1,0 +1,727 @@
+"""Tollway benchmark: Tollway against nginx as a reference proxy, in one run.
+
+    uv run python bench/run.py                      # everything (about 5-8 minutes)
+    uv run python bench/run.py --scenarios nginx --duration 2 --rounds 1
+
+See bench/README.md for what each line means. Exit status: 0 when every target that
+ran passed, 1 when a target failed or a scenario could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import nginx as nginx_conf
+from harness import (
+    BenchError,
+    Cores,
+    Proc,
+    Processes,
+    WrkResult,
+    ensure_tools,
+    free_port,
+    http_get,
+    pinned,
+    run_wrk,
+    tool,
+    tool_version,
+    wait_port,
+)
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+CONFIGS = BENCH_DIR / "configs"
+RESULTS = BENCH_DIR / "results"
+
+SCENARIOS = ("nginx", "noplugins", "plugins", "soak", "router")
+THROUGHPUT = ("nginx", "noplugins", "plugins")
+
+TOLLWAY_START_DEADLINE_S = 20.0
+WARMUP_S = 2
+MB = 1024 * 1024
+
+# Targets from the issue.
+RATIO_NOPLUGINS = 0.6
+P99_NOPLUGINS_MS = 3.0
+RATIO_PLUGINS = 0.5
+SOAK_FIRST = 200_000
+SOAK_TOTAL = 1_000_000
+SOAK_RSS_LIMIT_MB = 80.0
+SOAK_GROWTH_TOLERANCE_MB = 2.0  # "no growth": allocator noise allowed, a leak is not
+SOAK_BUDGET_S = 300.0
+SOAK_SLICE_MAX_REQUESTS = 100_000
+ROUTER_LIMIT_US = 20.0
+BUSY_LOAD = 0.5  # 1-minute load average above which the machine is not idle
+
+CORS_ORIGIN = "https://app.example.com"
+
+
+# ---------------------------------------------------------------- model
+
+
+@dataclass
+class Target:
+    key: str
+    label: str
+    port: int = 0
+    proc: Proc | None = None
+    headers: tuple[str, ...] = ()
+    rounds: list[WrkResult] = field(default_factory=list)
+    rss_kb: int = 0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.rounds)
+
+    def median(self, attr: str) -> float:
+        return float(statistics.median(getattr(r, attr) for r in self.rounds))
+
+    def to_dict(self, reference_rps: float | None) -> dict[str, Any]:
+        d: dict[str, Any] = {"label": self.label, "error": self.error}
+        if self.ok:
+            rps = self.median("rps")
+            d.update(
+                rps=rps,
+                ratio_to_nginx=rps / reference_rps if reference_rps else None,
+                p50_ms=self.median("p50_ms"),
+                p99_ms=self.median("p99_ms"),
+                rss_mb=self.rss_kb / 1024,
+                errors=sum(r.errors for r in self.rounds),
+                rounds=[r.to_dict() for r in self.rounds],
+            )
+        return d
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # PASS, FAIL, ERROR, SKIP
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.status:<5} {self.name}: {self.detail}"
+
+
+@dataclass
+class SoakResult:
+    error: str | None = None
+    aborted: bool = False
+    samples: list[tuple[int, int]] = field(default_factory=list)  # (requests, rss kB)
+    at_first: tuple[int, int] | None = None
+    at_total: tuple[int, int] | None = None
+    errors: int = 0
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def loadavg() -> float:
+    """The 1-minute load average (0.0 when /proc/loadavg cannot be read)."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def fmt_ms(v: float) -> str:
+    return f"{v * 1000:.0f}us" if v < 1 else f"{v:.2f}ms"
+
+
+def tollway_argv(config: Path, port: int, admin_port: int, cmd: str) -> list[str]:
+    """`uv run tollway serve ...`; the venv's own `tollway` script when we run in it.
+
+    run.py itself runs under `uv run`, so the environment is already synced; going
+    straight to the script keeps a `uv` launcher out of the process tree (its RSS and
+    its signal forwarding would blur the measurement).
+    """
+    if cmd == "auto":
+        script = Path(sys.executable).parent / "tollway"
+        base = [str(script)] if script.exists() else ["uv", "run", "--no-sync", "tollway"]
+    elif cmd == "uv":
+        base = ["uv", "run", "--no-sync", "tollway"]
+    else:
+        base = cmd.split()
+    return [
+        *base,
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        "--admin-port",
+        str(admin_port),
+        "--workers",
+        "1",
+    ]
+
+
+def start_nginx(procs: Processes, tmp: Path, name: str, conf: str, core: int, port: int) -> Proc:
+    path = nginx_conf.write_conf(tmp, name, conf)
+    argv = pinned(
+        core, [tool("nginx"), "-p", str(tmp), "-c", str(path), "-e", str(tmp / f"{name}-error.log")]
+    )
+    proc = procs.start(name, argv)
+    if not wait_port(port, 10.0, proc):
+        tail = proc.stderr_tail()
+        err_log = tmp / f"{name}-error.log"
+        if err_log.exists():
+            tail += "\n" + "\n".join(err_log.read_text(errors="replace").splitlines()[-10:])
+        raise BenchError(f"nginx {name} did not start on port {port}:\n{tail}")
+    status, body = http_get(port)
+    if status != 200 or len(body) != nginx_conf.BODY_SIZE:
+        raise BenchError(f"nginx {name}: GET / gave {status} with {len(body)} bytes")
+    return proc
+
+
+def start_tollway(
+    procs: Processes,
+    tmp: Path,
+    name: str,
+    config: Path,
+    core: int,
+    upstream_port: int,
+    cmd: str,
+) -> tuple[Proc, int]:
+    """Start Tollway pinned to `core`; BenchError("tollway did not start ...") on failure."""
+    port, admin_port = free_port(), free_port()
+    data_dir = tmp / f"{name}-data"
+    data_dir.mkdir(exist_ok=True)
+    env = {
+        **os.environ,
+        "TOLLWAY_LOG_LEVEL": "warning",
+        "TOLLWAY_DATA_DIR": str(data_dir),
+        "TOLLWAY_HOST": "127.0.0.1",
+        "TOLLWAY_ADMIN_HOST": "127.0.0.1",
+        "TOLLWAY_ACCESS_LOG": str(tmp / f"{name}-access.log"),
+        "BENCH_UPSTREAM_PORT": str(upstream_port),
+        "BENCH_ACCESS_LOG": str(tmp / f"{name}-access.log"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    argv = pinned(core, tollway_argv(config, port, admin_port, cmd))
+    try:
+        proc = procs.start(name, argv, env=env, cwd=REPO)
+    except OSError as exc:
+        raise BenchError(f"tollway did not start: {exc}") from exc
+    deadline = time.monotonic() + TOLLWAY_START_DEADLINE_S
+    if not wait_port(port, TOLLWAY_START_DEADLINE_S, proc):
+        code = proc.poll()
+        why = f"exited with {code}" if code is not None else "port not open after 20 s"
+        tail = proc.stderr_tail() or "(no output)"
+        procs.stop(proc)
+        raise BenchError(f"tollway did not start ({why}); output tail:\n{tail}")
+    # The port may open before the proxy path is ready: retry GET / within the deadline.
+    problem = ""
+    while True:
+        try:
+            status, body = http_get(port)
+        except OSError as exc:
+            problem = f"GET / failed: {exc}"
+        else:
+            if status == 200 and len(body) == nginx_conf.BODY_SIZE:
+                return proc, port
+            problem = (
+                f"GET / gave {status} with {len(body)} bytes (want 200 and {nginx_conf.BODY_SIZE})"
+            )
+        if proc.poll() is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    tail = proc.stderr_tail() or "(no output)"
+    procs.stop(proc)
+    raise BenchError(f"tollway started but {problem}; output tail:\n{tail}")
+
+
+def wrk_for(target: Target, cores: Cores, duration: int, connections: int) -> WrkResult:
+    return run_wrk(
+        target.port,
+        core=cores.load,
+        duration_s=duration,
+        connections=connections,
+        headers=target.headers,
+    )
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+def throughput(
+    targets: list[Target], cores: Cores, duration: int, connections: int, rounds: int
+) -> None:
+    live = [t for t in targets if t.error is None]
+    for t in live:
+        log(f"warm-up {t.label} ({WARMUP_S}s)")
+        try:
+            wrk_for(t, cores, WARMUP_S, connections)
+        except BenchError as exc:
+            t.error = f"warm-up failed: {exc}"
+    for rnd in range(1, rounds + 1):
+        for t in targets:
+            if t.error is not None:
+                continue
+            if t.proc is not None and t.proc.poll() is not None:
+                t.error = f"process exited ({t.proc.poll()}): {t.proc.stderr_tail(10)}"
+                continue
+            try:
+                r = wrk_for(t, cores, duration, connections)
+            except BenchError as exc:
+                t.error = str(exc)
+                continue
+            t.rounds.append(r)
+            log(
+                f"round {rnd}/{rounds} {t.label:<36} {r.rps:>10.1f} req/s  "
+                f"p50 {fmt_ms(r.p50_ms)}  p99 {fmt_ms(r.p99_ms)}"
+                + (f"  errors {r.errors}" if r.errors else "")
+            )
+    for t in targets:
+        if t.proc is not None and t.proc.poll() is None:
+            t.rss_kb = t.proc.rss_kb()
+
+
+def soak(
+    procs: Processes,
+    tmp: Path,
+    cores: Cores,
+    upstream_port: int,
+    connections: int,
+    cmd: str,
+) -> SoakResult:
+    res = SoakResult()
+    try:
+        proc, port = start_tollway(
+            procs, tmp, "tollway-soak", CONFIGS / "noplugins.yaml", cores.proxy, upstream_port, cmd
+        )
+    except BenchError as exc:
+        res.error = str(exc)
+        return res
+    start = time.monotonic()
+    deadline = start + SOAK_BUDGET_S
+    total = 0
+    rate: float | None = None
+    log(f"soak: {SOAK_TOTAL:,} requests through tollway (no plugins), budget {SOAK_BUDGET_S:.0f}s")
+    try:
+        while total < SOAK_TOTAL:
+            left_s = deadline - time.monotonic()
+            if left_s < 1:
+                res.aborted = True
+                break
+            goal = SOAK_FIRST if total < SOAK_FIRST else SOAK_TOTAL
+            want = min(goal - total, SOAK_SLICE_MAX_REQUESTS)
+            slice_s = 5 if rate is None else max(1, min(10, math.ceil(want / max(rate, 1.0))))
+            slice_s = max(1, min(slice_s, int(left_s)))
+            r = run_wrk(port, core=cores.load, duration_s=slice_s, connections=connections)
+            if proc.poll() is not None:
+                res.error = f"tollway exited during the soak: {proc.stderr_tail(10)}"
+                break
+            ok = r.requests - r.non_2xx
+            res.errors += r.errors
+            total += ok
+            rate = ok / r.duration_s if r.duration_s > 0 else r.rps
+            rss = proc.rss_kb()
+            res.samples.append((total, rss))
+            if res.at_first is None and total >= SOAK_FIRST:
+                res.at_first = (total, rss)
+            log(f"soak: {total:>9,} requests  RSS {rss / 1024:.1f} MB")
+        if total >= SOAK_TOTAL and res.samples:
+            res.at_total = res.samples[-1]
+    except BenchError as exc:
+        res.error = str(exc)
+    finally:
+        res.seconds = time.monotonic() - start
+        procs.stop(proc)
+    return res
+
+
+def router() -> tuple[float | None, str | None]:
+    """Run bench/router_bench.py's `run()` (µs per match among 10,000 routes)."""
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    try:
+        from router_bench import run as router_run  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as exc:
+        return None, f"skipped: router bench missing ({exc})"
+    try:
+        us = float(router_run())
+    except Exception as exc:
+        return None, f"router bench failed: {type(exc).__name__}: {exc}"
+    return us, None
+
+
+# ---------------------------------------------------------------- report
+
+
+def checks_for(
+    targets: dict[str, Target],
+    soak_res: SoakResult | None,
+    router_res: tuple[float | None, str | None] | None,
+) -> list[Check]:
+    out: list[Check] = []
+    ref = targets.get("nginx")
+    ref_rps = ref.median("rps") if ref is not None and ref.ok else None
+
+    def ratio_check(key: str, name: str, minimum: float) -> None:
+        t = targets.get(key)
+        if t is None:
+            return
+        title = f"{name}: req/s >= {minimum:.2f} x nginx"
+        if not t.ok:
+            out.append(Check(title, "ERROR", t.error or "no rounds"))
+        elif ref_rps is None:
+            out.append(Check(title, "ERROR", "no nginx reference figure in this run"))
+        else:
+            ratio = t.median("rps") / ref_rps
+            out.append(Check(title, "PASS" if ratio >= minimum else "FAIL", f"{ratio:.2f}"))
+
+    ratio_check("noplugins", "tollway, no plugins", RATIO_NOPLUGINS)
+    t = targets.get("noplugins")
+    if t is not None:
+        title = f"tollway, no plugins: p99 < {P99_NOPLUGINS_MS:g} ms at {{c}} connections"
+        if t.ok:
+            p99 = t.median("p99_ms")
+            status = "PASS" if p99 < P99_NOPLUGINS_MS else "FAIL"
+            out.append(Check(title, status, f"{p99:.2f} ms"))
+        else:
+            out.append(Check(title, "ERROR", t.error or "no rounds"))
+    ratio_check("plugins", "tollway, request-id+cors+access-log", RATIO_PLUGINS)
+
+    if soak_res is not None:
+        t1 = f"soak: RSS < {SOAK_RSS_LIMIT_MB:g} MB after {SOAK_TOTAL:,} requests"
+        t2 = (
+            f"soak: no RSS growth from {SOAK_FIRST:,} to {SOAK_TOTAL:,} requests "
+            f"(tolerance {SOAK_GROWTH_TOLERANCE_MB:g} MB)"
+        )
+        if soak_res.error is not None:
+            out.append(Check(t1, "ERROR", soak_res.error))
+            out.append(Check(t2, "ERROR", "soak did not run"))
+        elif soak_res.at_first is None or soak_res.at_total is None:
+            reached = soak_res.samples[-1][0] if soak_res.samples else 0
+            why = f"aborted after {soak_res.seconds:.0f}s at {reached:,} requests"
+            out.append(Check(t1, "ERROR", why))
+            out.append(Check(t2, "ERROR", why))
+        else:
+            (n1, r1), (n2, r2) = soak_res.at_first, soak_res.at_total
+            mb1, mb2 = r1 / 1024, r2 / 1024
+            out.append(
+                Check(
+                    t1,
+                    "PASS" if mb2 < SOAK_RSS_LIMIT_MB else "FAIL",
+                    f"{mb2:.1f} MB after {n2:,}",
+                )
+            )
+            growth = mb2 - mb1
+            out.append(
+                Check(
+                    t2,
+                    "PASS" if growth <= SOAK_GROWTH_TOLERANCE_MB else "FAIL",
+                    f"{mb1:.1f} MB after {n1:,} -> {mb2:.1f} MB after {n2:,} ({growth:+.1f} MB)",
+                )
+            )
+
+    if router_res is not None:
+        us, note = router_res
+        title = f"routing among 10,000 routes: < {ROUTER_LIMIT_US:g} us a request"
+        if us is None:
+            verdict = "SKIP" if note and note.startswith("skipped") else "ERROR"
+            out.append(Check(title, verdict, note or ""))
+        else:
+            out.append(Check(title, "PASS" if us < ROUTER_LIMIT_US else "FAIL", f"{us:.2f} us"))
+    return out
+
+
+def table(targets: list[Target]) -> str:
+    ref = next((t for t in targets if t.key == "nginx"), None)
+    ref_rps = ref.median("rps") if ref is not None and ref.ok else None
+    head = (
+        f"{'proxy':<36} {'req/s':>10} {'vs nginx':>9} {'p50':>9} {'p99':>9} "
+        f"{'RSS':>9} {'errors':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for t in targets:
+        if not t.ok:
+            reason = (t.error or "no rounds").splitlines()[0]
+            lines.append(f"{t.label:<36} ERROR: {reason}")
+            continue
+        rps = t.median("rps")
+        ratio = f"{rps / ref_rps:.2f}" if ref_rps else "-"
+        lines.append(
+            f"{t.label:<36} {rps:>10.1f} {ratio:>9} {fmt_ms(t.median('p50_ms')):>9} "
+            f"{fmt_ms(t.median('p99_ms')):>9} {t.rss_kb / 1024:>7.1f}MB "
+            f"{sum(r.errors for r in t.rounds):>7}"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
+    p.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument(
+        "--scenarios",
+        default="all",
+        help="all, or a comma list of: " + ", ".join(SCENARIOS) + " (default all)",
+    )
+    p.add_argument("--skip-soak", action="store_true", help="leave out the 1M-request RSS soak")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="write results here (default bench/results/bench-<timestamp>.json)",
+    )
+    p.add_argument(
+        "--tollway-cmd",
+        default="auto",
+        help="how to start tollway: auto (the venv's tollway script), uv "
+        "(uv run --no-sync tollway), or a command line",
+    )
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (confs, logs)")
+    args = p.parse_args(argv)
+    names = {s.strip() for s in args.scenarios.split(",") if s.strip()}
+    if "all" in names:
+        names = set(SCENARIOS)
+    unknown = names - set(SCENARIOS)
+    if unknown or not names:
+        p.error(f"unknown scenarios: {', '.join(sorted(unknown)) or '(none)'}")
+    if args.skip_soak:
+        names.discard("soak")
+    if args.duration < 1 or args.rounds < 1 or args.connections < 1:
+        p.error("--duration, --rounds and --connections must be at least 1")
+    args.scenario_set = names
+    return args
+
+
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    scen: set[str] = args.scenario_set
+    # Ctrl-C and SIGTERM both unwind through the finally that stops every process,
+    # also when started from a shell that ignores SIGINT for background jobs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _sigterm)
+
+    ensure_tools()
+    tool("taskset")
+    cores = Cores.detect()
+    started = datetime.now(UTC)
+    tmp = Path(tempfile.mkdtemp(prefix="tollway-bench-"))
+    procs = Processes(tmp)
+    targets: list[Target] = []
+    soak_res: SoakResult | None = None
+    router_res: tuple[float | None, str | None] | None = None
+    fatal: str | None = None
+    load_before = loadavg()
+    if load_before > BUSY_LOAD:
+        log(
+            f"warning: load average {load_before:.2f} before the run: something else is "
+            "using the CPUs; absolute figures will be low and noisy (the ratios less so)"
+        )
+    log(
+        f"cores: proxy under test on cpu{cores.proxy}; upstream nginx and wrk on cpu{cores.load}"
+        + (" (only one core available: all share it)" if cores.shared else "")
+    )
+    try:
+        needs_upstream = bool(scen & {"nginx", "noplugins", "plugins", "soak"})
+        upstream_port = 0
+        upstream: Proc | None = None
+        if needs_upstream:
+            upstream_port = free_port()
+            upstream = start_nginx(
+                procs,
+                tmp,
+                "upstream",
+                nginx_conf.upstream_conf(tmp, upstream_port),
+                cores.load,
+                upstream_port,
+            )
+        if scen & set(THROUGHPUT):
+            ref = Target("nginx", "nginx (reference proxy)")
+            ref.port = free_port()
+            ref.proc = start_nginx(
+                procs,
+                tmp,
+                "proxy",
+                nginx_conf.proxy_conf(tmp, ref.port, upstream_port),
+                cores.proxy,
+                ref.port,
+            )
+            targets.append(ref)
+            if "nginx" in scen:
+                # RSS shown for this line is the upstream nginx's.
+                targets.append(
+                    Target(
+                        "direct", "upstream direct (no proxy)", port=upstream_port, proc=upstream
+                    )
+                )
+            for key, label, conf, headers in (
+                ("noplugins", "tollway, no plugins", "noplugins.yaml", ()),
+                (
+                    "plugins",
+                    "tollway, request-id+cors+access-log",
+                    "plugins.yaml",
+                    (f"Origin: {CORS_ORIGIN}",),
+                ),
+            ):
+                if key not in scen:
+                    continue
+                t = Target(key, label, headers=headers)
+                log(f"starting {label}")
+                try:
+                    t.proc, t.port = start_tollway(
+                        procs,
+                        tmp,
+                        f"tollway-{key}",
+                        CONFIGS / conf,
+                        cores.proxy,
+                        upstream_port,
+                        args.tollway_cmd,
+                    )
+                except BenchError as exc:
+                    t.error = str(exc)
+                    log(f"{label}: {exc}")
+                targets.append(t)
+            throughput(targets, cores, args.duration, args.connections, args.rounds)
+            for t in targets:  # free core 0 for the soak
+                if t.key in ("noplugins", "plugins") and t.proc is not None:
+                    procs.stop(t.proc)
+        if "soak" in scen:
+            soak_res = soak(procs, tmp, cores, upstream_port, args.connections, args.tollway_cmd)
+        procs.stop_all()
+        if "router" in scen:
+            log("router bench")
+            router_res = router()
+    except BenchError as exc:
+        fatal = str(exc)
+        log(f"error: {exc}")
+    except KeyboardInterrupt:
+        log("interrupted: stopping everything started")
+        return 130
+    finally:
+        procs.stop_all()
+        if args.keep_tmp:
+            log(f"temp dir kept: {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    by_key = {t.key: t for t in targets}
+    checks = checks_for(by_key, soak_res, router_res)
+    checks = [
+        Check(c.name.replace("{c}", str(args.connections)), c.status, c.detail) for c in checks
+    ]
+
+    print()
+    print(
+        f"Tollway benchmark {started:%Y-%m-%d %H:%M:%S} UTC; wrk -c{args.connections} "
+        f"-d{args.duration}s, {args.rounds} interleaved round(s), median"
+    )
+    print(
+        f"proxy on cpu{cores.proxy}; upstream nginx (1 KB JSON) and wrk on cpu{cores.load}; "
+        f"{nginx_conf.BODY_SIZE}-byte body"
+    )
+    if load_before > BUSY_LOAD:
+        print(f"warning: load average was {load_before:.2f} at the start (machine not idle)")
+    if targets:
+        print()
+        print(table(targets))
+    if soak_res is not None and soak_res.samples:
+        print()
+        first = soak_res.at_first
+        last = soak_res.at_total or soak_res.samples[-1]
+        if first is not None:
+            print(f"soak: RSS after {first[0]:,} requests: {first[1] / 1024:.1f} MB")
+        print(
+            f"soak: RSS after {last[0]:,} requests: {last[1] / 1024:.1f} MB "
+            f"({soak_res.seconds:.0f}s, {soak_res.errors} errors"
+            + (", aborted at the time budget" if soak_res.aborted else "")
+            + ")"
+        )
+    if router_res is not None and router_res[0] is not None:
+        print(f"router: {router_res[0]:.2f} us per match among 10,000 routes")
+    if fatal:
+        print()
+        print(f"ERROR {fatal}")
+    if checks:
+        print()
+        print("targets:")
+        for c in checks:
+            print("  " + c.line().replace("\n", "\n        "))
+    elif not fatal:
+        print()
+        print("targets: none selected (nginx-only run)")
+
+    ref_t = by_key.get("nginx")
+    ref_rps = ref_t.median("rps") if ref_t is not None and ref_t.ok else None
+    result: dict[str, Any] = {
+        "started": started.isoformat(),
+        "args": {
+            "duration": args.duration,
+            "connections": args.connections,
+            "rounds": args.rounds,
+            "scenarios": sorted(scen),
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "proxy_cpu": cores.proxy,
+            "load_cpu": cores.load,
+            "loadavg_before": load_before,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "nginx": tool_version([tool("nginx"), "-v"]),
+            "wrk": tool_version([tool("wrk"), "-v"]),
+        },
+        "targets": {t.key: t.to_dict(ref_rps) for t in targets},
+        "soak": None
+        if soak_res is None
+        else {
+            "error": soak_res.error,
+            "aborted": soak_res.aborted,
+            "seconds": soak_res.seconds,
+            "errors": soak_res.errors,
+            "samples": [{"requests": n, "rss_mb": kb / 1024} for n, kb in soak_res.samples],
+            "rss_mb_at_first": None if soak_res.at_first is None else soak_res.at_first[1] / 1024,
+            "requests_at_first": None if soak_res.at_first is None else soak_res.at_first[0],
+            "rss_mb_at_total": None if soak_res.at_total is None else soak_res.at_total[1] / 1024,
+            "requests_at_total": None if soak_res.at_total is None else soak_res.at_total[0],
+        },
+        "router": None
+        if router_res is None
+        else {"us_per_match": router_res[0], "note": router_res[1]},
+        "checks": [{"name": c.name, "status": c.status, "detail": c.detail} for c in checks],
+        "error": fatal,
+    }
+    out_path: Path = args.json or RESULTS / f"bench-{started:%Y%m%d-%H%M%S}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    print()
+    print(f"results: {out_path}")
+
+    failed = fatal is not None or any(c.status in ("FAIL", "ERROR") for c in checks)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""The gateway process: data plane, admin API, config reload, signals and workers.
+
+`serve(settings)` is what `tollway serve` runs. With one worker everything lives in
+one process and one event loop. With `--workers N` the parent serves the admin API
+and forks N data-plane workers that each bind the proxy port with SO_REUSEPORT;
+metrics then go through prometheus_client's multiprocess files so that /metrics
+sums every worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+import uvloop
+
+from tollway.admin.app import AdminState, create_admin_app
+from tollway.admin.server import EmbeddedServer
+from tollway.config.errors import ConfigError
+from tollway.config.loader import load_config
+from tollway.config.reload import ConfigWatcher
+from tollway.config.schema import GatewayConfig
+from tollway.config.snapshot import Snapshot, build_snapshot
+from tollway.gateway.dataplane import DataPlane
+from tollway.observability import metrics as metrics_mod
+from tollway.observability.health import HealthRegistry
+from tollway.observability.logging import configure_logging
+from tollway.settings import Settings
+
+log = structlog.get_logger("tollway.app")
+
+
+def load_snapshot(settings: Settings, generation: int = 1) -> Snapshot:
+    """Load and compile the configured file (or an empty config)."""
+    if settings.config is None:
+        return build_snapshot(GatewayConfig(), generation, source=None)
+    config = load_config(settings.config)
+    return build_snapshot(config, generation, source=str(settings.config))
+
+
+class Gateway:
+    """One process's gateway. Tests start it in-process; `serve` runs it for real."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        serve_admin: bool = True,
+        serve_proxy: bool = True,
+        reuse_port: bool = False,
+        metrics: metrics_mod.GatewayMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.serve_admin = serve_admin
+        self.serve_proxy = serve_proxy
+        self.reuse_port = reuse_port
+        self.metrics = metrics or metrics_mod.GatewayMetrics()
+        self.health = HealthRegistry()
+        self.plane: DataPlane | None = None
+        self.admin: EmbeddedServer | None = None
+        self.watcher: ConfigWatcher | None = None
+        self.snapshot: Snapshot | None = None
+        self.port = 0
+        self.admin_port = 0
+        self.reloads = 0
+        self.stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        self.snapshot = load_snapshot(self.settings)
+        self.health.set_config_loaded(True)
+        loop = asyncio.get_running_loop()
+        if self.serve_proxy:
+            self.plane = DataPlane(self.settings, self.snapshot, self.metrics, loop)
+            self.metrics.set_pool_stats_source(self.plane.pools.stats)
+            self.port = await self.plane.listen(
+                self.settings.host, self.settings.port, self.reuse_port
+            )
+            self.health.add_check("upstreams", self._upstream_health, required=False)
+        self.metrics.start_flusher(loop)
+        if self.serve_admin:
+            state = AdminState(
+                settings=self.settings,
+                health=self.health,
+                metrics_render=self._render_metrics,
+                snapshot_info=self._snapshot_info,
+            )
+            self.admin = EmbeddedServer(
+                create_admin_app(state),
+                host=self.settings.admin_host,
+                port=self.settings.admin_port,
+            )
+            await self.admin.start()
+            self.admin_port = self.admin.port
+        if self.settings.config is not None:
+            self.watcher = ConfigWatcher(
+                self.settings.config,
+                self._on_config_change,
+                interval=self.settings.reload_poll_interval,
+                handle_sighup=True,
+                loop=loop,
+            )
+            self.watcher.start()
+
+    def _render_metrics(self) -> tuple[bytes, str]:
+        if os.environ.get(metrics_mod.MULTIPROC_ENV) is None:
+            self.metrics.flush()
+        return metrics_mod.render_latest()
+
+    def _snapshot_info(self) -> dict[str, Any]:
+        info = self.snapshot.summary() if self.snapshot else {}
+        info["reloads"] = self.reloads
+        return info
+
+    async def _upstream_health(self) -> dict[str, Any]:
+        if self.plane is None:
+            return {}
+        return {
+            "pools": {
+                key: {"idle": idle, "in_use": in_use}
+                for key, (idle, in_use) in self.plane.pools.stats().items()
+            }
+        }
+
+    def _on_config_change(self) -> None:
+        self.reload()
+
+    def reload(self) -> bool:
+        """Rebuild the snapshot from the file and swap it in; keep the old on error."""
+        assert self.snapshot is not None
+        try:
+            snapshot = load_snapshot(self.settings, self.snapshot.generation + 1)
+        except ConfigError as exc:
+            self.metrics.reload(False)
+            log.error(
+                "config reload refused; the previous config stays",
+                source=str(self.settings.config),
+                errors=[str(i) for i in exc.issues],
+            )
+            return False
+        except OSError as exc:
+            self.metrics.reload(False)
+            log.error("config reload failed: cannot read the file", error=str(exc))
+            return False
+        self.snapshot = snapshot
+        if self.plane is not None:
+            self.plane.swap(snapshot)
+        self.reloads += 1
+        self.metrics.reload(True)
+        log.info("config reloaded", generation=snapshot.generation, **snapshot.summary())
+        return True
+
+    async def stop(self) -> int:
+        """Graceful: stop accepting, finish in-flight requests up to the deadline."""
+        if self.watcher is not None:
+            self.watcher.stop()
+        cut = 0
+        if self.plane is not None:
+            cut = await self.plane.shutdown(self.settings.shutdown_timeout)
+        if self.admin is not None:
+            await self.admin.stop()
+        self.metrics.stop()
+        self.stopped.set()
+        return cut
+
+
+def _install_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def _run_single(settings: Settings, on_ready: Callable[[], None] | None) -> int:
+    gateway = Gateway(settings)
+    await gateway.start()
+    log.info(
+        "tollway listening",
+        proxy=f"{settings.host}:{gateway.port}",
+        admin=f"{settings.admin_host}:{gateway.admin_port}",
+        pid=os.getpid(),
+    )
+    if on_ready is not None:
+        on_ready()
+    stop = asyncio.Event()
+    _install_stop_signals(asyncio.get_running_loop(), stop)
+    await stop.wait()
+    log.info("shutting down", deadline_s=settings.shutdown_timeout)
+    cut = await gateway.stop()
+    log.info("stopped", connections_cut=cut)
+    return 0
+
+
+async def _run_worker(settings: Settings) -> int:
+    gateway = Gateway(settings, serve_admin=False, reuse_port=True)
+    await gateway.start()
+    stop = asyncio.Event()
+    _install_stop_signals(asyncio.get_running_loop(), stop)
+    await stop.wait()
+    await gateway.stop()
+    return 0
+
+
+async def _run_parent(
+    settings: Settings, children: list[int], on_ready: Callable[[], None] | None
+) -> int:
+    """The parent of N workers: admin API, signal forwarding, worker supervision."""
+    gateway = Gateway(settings, serve_proxy=False)
+    await gateway.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    _install_stop_signals(loop, stop)
+
+    def forward(sig: int) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    loop.add_signal_handler(signal.SIGHUP, forward, signal.SIGHUP)
+    if on_ready is not None:
+        on_ready()
+    exit_code = 0
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)
+        for pid in list(children):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                children.remove(pid)
+                metrics_mod.worker_exited(pid)
+                log.error("worker exited", pid=pid, status=status)
+                exit_code = 1
+        if not children:
+            break
+    forward(signal.SIGTERM)
+    deadline = loop.time() + settings.shutdown_timeout + 5
+    while children and loop.time() < deadline:
+        for pid in list(children):
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                children.remove(pid)
+                metrics_mod.worker_exited(pid)
+        await asyncio.sleep(0.05)  # waiting on child exits: nothing to await on
+    forward(signal.SIGKILL)
+    await gateway.stop()
+    return exit_code
+
+
+def serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> int:
+    """Run the gateway until SIGTERM/SIGINT. Returns the process exit code."""
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        load_snapshot(settings)  # refuse a bad config before forking anything
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(f"config error: {issue}", file=sys.stderr)
+        return 2
+    if settings.workers == 1:
+        metrics_mod.setup_multiprocess(None)
+        return uvloop.run(_run_single(settings, on_ready))
+    metrics_dir = Path(settings.data_dir) / "metrics"
+    metrics_mod.setup_multiprocess(metrics_dir)
+    children: list[int] = []
+    for _ in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = uvloop.run(_run_worker(settings))
+            finally:
+                os._exit(code)
+        children.append(pid)
+    return uvloop.run(_run_parent(settings, children, on_ready))

@@ -1,0 +1,174 @@
+"""One worker's data plane: the listening socket, its connections, the current
+snapshot, the upstream pools, and the sweeper that enforces timeouts.
+
+One sweeper tick checks every connection's deadline, instead of a timer per
+request: a keep-alive request then costs a float store, not a timer handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Coroutine
+from typing import Any, Protocol
+
+import structlog
+
+from tollway.config.snapshot import Snapshot
+from tollway.gateway.server import ClientConnection
+from tollway.settings import Settings
+from tollway.upstream.pool import PoolManager
+
+log = structlog.get_logger("tollway.dataplane")
+
+SWEEP_INTERVAL = 0.1
+POOL_SWEEP_EVERY = 10  # sweeper ticks
+
+
+class RequestMetrics(Protocol):
+    def request(
+        self, route: str, service: str, status: int, seconds: float,
+        upstream_seconds: float | None,
+    ) -> None: ...
+
+    def connection_opened(self) -> None: ...
+
+    def connection_closed(self) -> None: ...
+
+
+class NullMetrics:
+    def request(
+        self, route: str, service: str, status: int, seconds: float,
+        upstream_seconds: float | None,
+    ) -> None:
+        return None
+
+    def connection_opened(self) -> None:
+        return None
+
+    def connection_closed(self) -> None:
+        return None
+
+
+class DataPlane:
+    def __init__(
+        self,
+        settings: Settings,
+        snapshot: Snapshot,
+        metrics: RequestMetrics | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.settings = settings
+        self.snapshot = snapshot
+        self.metrics: RequestMetrics = metrics or NullMetrics()
+        self.loop = loop or asyncio.get_running_loop()
+        self.pools = PoolManager()
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._servers: list[asyncio.Server] = []
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._ticks = 0
+        self._retired: list[Snapshot] = []
+
+    # ---- listening -----------------------------------------------------------------
+
+    async def listen(self, host: str, port: int, reuse_port: bool = False) -> int:
+        """Start accepting; returns the bound port (useful with port 0)."""
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        return await self.serve_socket(sock)
+
+    async def serve_socket(self, sock: socket.socket) -> int:
+        server = await self.loop.create_server(
+            lambda: ClientConnection(self), sock=sock, backlog=2048
+        )
+        self._servers.append(server)
+        self._schedule_sweep()
+        bound: int = sock.getsockname()[1]
+        return bound
+
+    # ---- connections ---------------------------------------------------------------
+
+    def connection_opened(self, conn: ClientConnection) -> None:
+        self.connections.add(conn)
+        self.metrics.connection_opened()
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+        self.metrics.connection_closed()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a request's waiting part as a task that cannot be garbage-collected."""
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- config --------------------------------------------------------------------
+
+    def swap(self, snapshot: Snapshot) -> None:
+        """Make `snapshot` current. Requests already running keep theirs."""
+        old, self.snapshot = self.snapshot, snapshot
+        self._retired.append(old)
+        # Plugins of a retired snapshot are closed once no connection could still
+        # be using it: after the longest keep-alive a request could be running.
+        self.loop.call_later(self.settings.shutdown_timeout + 1, self._close_retired, old)
+
+    def _close_retired(self, snapshot: Snapshot) -> None:
+        if snapshot in self._retired:
+            self._retired.remove(snapshot)
+            snapshot.close()
+
+    # ---- timeouts ------------------------------------------------------------------
+
+    def _schedule_sweep(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        expired = [c for c in self.connections if 0 < c.deadline <= now]
+        for conn in expired:
+            try:
+                conn.on_deadline()
+            except Exception:  # one bad connection must not stop the sweeper
+                log.exception("deadline handling failed")
+                conn.abort()
+        self._ticks += 1
+        if self._ticks % POOL_SWEEP_EVERY == 0:
+            self.pools.sweep(now)
+        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    # ---- shutdown ------------------------------------------------------------------
+
+    async def shutdown(self, timeout: float) -> int:
+        """Stop accepting, let in-flight requests finish up to `timeout`, then close.
+
+        Returns how many connections had to be cut.
+        """
+        self.draining = True
+        for server in self._servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.drain()
+        deadline = self.loop.time() + timeout
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)  # polling a set; nothing to await on
+        cut = len(self.connections)
+        for conn in list(self.connections):
+            conn.abort()
+        for server in self._servers:
+            await server.wait_closed()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        self.pools.close()
+        for task in list(self._tasks):
+            task.cancel()
+        self.snapshot.close()
+        for old in self._retired:
+            old.close()
+        return cut

@@ -1,0 +1,655 @@
+"""One request through the data plane: route, access phase, upstream, response, log.
+
+The exchange is driven by callbacks from the two sockets rather than by a
+coroutine: on a warm keep-alive request with synchronous plugins no task is
+created at all. It drops into a coroutine only to wait (a plugin's awaitable, a
+new upstream connection).
+
+Body bytes stream both ways as they arrive; back-pressure pauses the reading side
+when the writing side's buffer is full. A request body is buffered only while no
+upstream connection is attached yet, and reading pauses past BODY_BUFFER bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
+
+import structlog
+
+from tollway.gateway.context import (
+    Headers,
+    RequestContext,
+    Response,
+    ResponseHead,
+    header_get,
+)
+from tollway.gateway.errors import GatewayError
+from tollway.gateway.forwarded import FORWARDING_HEADERS, VIA, forwarding_headers
+from tollway.gateway.http11 import DATE, HOP_BY_HOP, connection_tokens, render_head
+from tollway.gateway.pipeline import Chain, active_chain
+from tollway.upstream.errors import UpstreamError, UpstreamReadTimeout
+
+if TYPE_CHECKING:
+    from tollway.config.snapshot import Snapshot
+    from tollway.gateway.server import ClientConnection
+    from tollway.plugins.base import BodyFilter
+    from tollway.upstream.connection import UpstreamConnection
+    from tollway.upstream.pool import ConnectionPool
+    from tollway.upstream.service import Service
+
+log = structlog.get_logger("tollway.exchange")
+
+BODY_BUFFER = 64 * 1024
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Headers the upstream request never carries from the client as they are.
+_DROP_UPSTREAM = HOP_BY_HOP | FORWARDING_HEADERS | {b"host", b"content-length", b"expect"}
+_DROP_DOWNSTREAM = HOP_BY_HOP | {b"content-length"}
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class Exchange:
+    __slots__ = (
+        "body_buf",
+        "body_buf_size",
+        "body_received",
+        "chain",
+        "close_after",
+        "conn",
+        "ctx",
+        "expect_continue",
+        "filters",
+        "finished",
+        "keep_alive",
+        "pool",
+        "preset",
+        "request_done",
+        "resp_chunked",
+        "response_started",
+        "retried",
+        "reused",
+        "service",
+        "snapshot",
+        "upgrade",
+        "upgrade_tail",
+        "upstream",
+        "upstream_path",
+        "upstream_sent_all",
+    )
+
+    def __init__(
+        self,
+        conn: ClientConnection,
+        ctx: RequestContext,
+        keep_alive: bool,
+        snapshot: Snapshot,
+        upgrade: bytes | None,
+        expect_continue: bool,
+    ) -> None:
+        self.conn = conn
+        self.ctx = ctx
+        self.keep_alive = keep_alive
+        self.snapshot = snapshot
+        self.upgrade = upgrade
+        self.upgrade_tail = b""
+        self.expect_continue = expect_continue
+        self.chain: Chain = snapshot.global_chain
+        self.service: Service | None = None
+        self.upstream_path = ctx.path
+        self.upstream: UpstreamConnection | None = None
+        self.pool: ConnectionPool | None = None
+        self.body_buf: list[bytes] = []
+        self.body_buf_size = 0
+        self.body_received = 0
+        self.request_done = False
+        self.upstream_sent_all = False
+        self.response_started = False
+        self.finished = False
+        self.close_after = not keep_alive
+        self.resp_chunked = False
+        self.filters: list[BodyFilter] | None = None
+        self.reused = False
+        self.retried = False
+        # An answer decided before routing (a refused request): sent when its turn comes.
+        self.preset: Response | None = None
+
+    @property
+    def body_pending(self) -> bool:
+        """True while request body bytes are still to come from the client."""
+        ctx = self.ctx
+        return not self.request_done and (ctx.chunked or bool(ctx.content_length))
+
+    # ---- start: routing and the access phase ------------------------------------
+
+    def start(self) -> None:
+        """Called by the client connection when this request's turn comes."""
+        ctx = self.ctx
+        if self.preset is not None:
+            self.respond(self.preset)
+            return
+        try:
+            match = self.snapshot.router.match(ctx.method, ctx.host, ctx.path, ctx.headers)
+            if match is not None:
+                route = match.route
+                ctx.route = route
+                ctx.path_params = match.path_params
+                self.upstream_path = match.upstream_path
+                self.service = route.service
+                if route.chain is not None:
+                    self.chain = route.chain
+            result = self.chain.run_access(ctx)
+            if result is None:
+                self._after_access()
+            elif isinstance(result, Response):
+                self.respond(result)
+            else:
+                self.conn.plane.spawn(self._await_access(result))
+        except GatewayError as err:
+            self.respond(Response.from_error(err, ctx.request_id))
+        except Exception:  # the request boundary: a bug answers 500, never hangs
+            log.exception("request failed", request_id=ctx.request_id)
+            self.respond(Response.error("internal_error", ctx.request_id))
+
+    async def _await_access(self, pending: Awaitable[Response | None]) -> None:
+        ctx = self.ctx
+        try:
+            result = await pending
+            if self.finished:
+                return
+            if result is None:
+                self._after_access()
+            else:
+                self.respond(result)
+        except GatewayError as err:
+            self.respond(Response.from_error(err, ctx.request_id))
+        except Exception:
+            log.exception("request failed", request_id=ctx.request_id)
+            self.respond(Response.error("internal_error", ctx.request_id))
+
+    def _after_access(self) -> None:
+        ctx = self.ctx
+        service = self.service
+        if service is None:
+            self._respond_unrouted()
+            return
+        if (ctx.content_length is not None and ctx.content_length > ctx.max_body_size) or (
+            self.body_received > ctx.max_body_size
+        ):
+            self.close_after = True
+            self.respond(Response.error("payload_too_large", ctx.request_id))
+            return
+        if self.expect_continue and not self.request_done and self.body_received == 0:
+            self.conn.write(CONTINUE)
+        target = service.pick()
+        pool = self.pool = self.conn.plane.pools.get(target, service.pool)
+        upstream = pool.acquire_nowait()
+        if upstream is not None:
+            self.reused = True
+            self._send(upstream)
+        else:
+            self.conn.plane.spawn(self._connect(pool, service))
+
+    def _respond_unrouted(self) -> None:
+        ctx = self.ctx
+        allowed = self.snapshot.router.methods_for(ctx.host, ctx.path, ctx.headers)
+        if allowed:
+            allow = ", ".join(sorted(allowed)).encode()
+            self.respond(
+                Response.error(
+                    "method_not_allowed",
+                    ctx.request_id,
+                    details={"allowed": sorted(allowed)},
+                    headers=[(b"allow", allow)],
+                )
+            )
+        else:
+            self.respond(Response.error("route_not_found", ctx.request_id))
+
+    # ---- the upstream request ----------------------------------------------------
+
+    async def _connect(self, pool: ConnectionPool, service: Service) -> None:
+        try:
+            upstream = await pool.connect(service.connect_timeout)
+        except UpstreamError as exc:
+            self._upstream_error(exc)
+            return
+        if self.finished:
+            pool.release(upstream, True)
+            return
+        self._send(upstream)
+
+    def _send(self, upstream: UpstreamConnection) -> None:
+        ctx = self.ctx
+        self.upstream = upstream
+        ctx.upstream_addr = self.pool.target.key if self.pool else None
+        ctx.upstream_start = time.perf_counter()
+        upstream.send_head(self, self._request_head(), ctx.method == "HEAD")
+        if self.body_buf:
+            chunks, self.body_buf, self.body_buf_size = self.body_buf, [], 0
+            for chunk in chunks:
+                self._write_body(upstream, chunk)
+            self.conn.resume_reading(self.conn.PAUSE_BODY)
+        if self.request_done:
+            self._end_body(upstream)
+        self._arm_read_timeout()
+
+    def _request_head(self) -> bytes:
+        ctx = self.ctx
+        service = self.service
+        assert service is not None and self.pool is not None
+        route = ctx.route
+        target = self.pool.target
+        if route is not None and route.config.preserve_host:
+            host = header_get(ctx.headers, b"host") or target.authority
+        else:
+            host = target.authority
+        path = self.upstream_path.encode("latin-1")
+        parts = [ctx.method.encode(), b" ", path]
+        if ctx.query:
+            parts += (b"?", ctx.query)
+        parts += (b" HTTP/1.1\r\nhost: ", host, b"\r\n")
+        named = connection_tokens(ctx.headers)
+        drop = _DROP_UPSTREAM | named if named else _DROP_UPSTREAM
+        for name, value in ctx.headers:
+            if name not in drop:
+                parts += (name, b": ", value, b"\r\n")
+        trusted = self.snapshot.trusted_proxies.contains(ctx.peer_ip)
+        client_host = header_get(ctx.headers, b"host") or ctx.host.encode()
+        for name, value in forwarding_headers(
+            ctx.headers, ctx.peer_ip, client_host, self.conn.local_port, trusted
+        ):
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"via: " + VIA + b"\r\n")
+        if self.upgrade is not None:
+            parts += (b"connection: upgrade\r\nupgrade: ", self.upgrade, b"\r\n")
+        if ctx.content_length is not None:
+            parts += (b"content-length: ", str(ctx.content_length).encode(), b"\r\n")
+        elif ctx.chunked:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def _write_body(self, upstream: UpstreamConnection, chunk: bytes) -> None:
+        if self.ctx.chunked:
+            upstream.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            upstream.write(chunk)
+
+    def _end_body(self, upstream: UpstreamConnection) -> None:
+        if self.ctx.chunked:
+            upstream.write(b"0\r\n\r\n")
+        self.upstream_sent_all = True
+
+    def _arm_read_timeout(self) -> None:
+        if self.request_done and self.service is not None and not self.finished:
+            self.conn.set_deadline("upstream", self.read_timeout())
+
+    def read_timeout(self) -> float:
+        route = self.ctx.route
+        if route is not None and route.config.read_timeout is not None:
+            return route.config.read_timeout
+        return self.service.read_timeout if self.service else 60.0
+
+    # ---- request body from the client ----------------------------------------------
+
+    def request_body(self, chunk: bytes) -> None:
+        ctx = self.ctx
+        size = len(chunk)
+        self.body_received += size
+        ctx.bytes_in += size
+        if self.finished:
+            return  # answered already: the rest is read and dropped
+        if self.body_received > ctx.max_body_size:
+            self._abort_upstream()
+            if self.response_started:
+                self._fail_client("request_too_large")
+            else:
+                self.close_after = True
+                self.respond(Response.error("payload_too_large", ctx.request_id))
+            return
+        upstream = self.upstream
+        if upstream is not None:
+            self._write_body(upstream, chunk)
+        else:
+            self.body_buf.append(chunk)
+            self.body_buf_size += size
+            if self.body_buf_size > BODY_BUFFER:
+                self.conn.pause_reading(self.conn.PAUSE_BODY)
+
+    def request_complete(self) -> None:
+        self.request_done = True
+        if self.finished:
+            return
+        upstream = self.upstream
+        if upstream is not None:
+            self._end_body(upstream)
+            self._arm_read_timeout()
+
+    def request_invalid(self, message: str) -> None:
+        """The client's body broke the framing rules mid-stream (bad chunk, ...)."""
+        self.close_after = True
+        if self.finished:
+            return
+        self._abort_upstream()
+        if self.response_started:
+            self._fail_client("bad_request_body")
+        else:
+            self.respond(Response.error("bad_request", self.ctx.request_id, message))
+
+    # ---- response from the upstream ------------------------------------------------
+
+    def upstream_head(
+        self, status: int, reason: bytes, headers: Headers, content_length: int | None,
+        chunked: bool,
+    ) -> None:
+        ctx = self.ctx
+        ctx.upstream_headers_at = time.perf_counter()
+        if status == 101:
+            if self.upgrade is None:
+                self._upstream_error_now("upstream_bad_response", "unexpected 101 response")
+                return
+            self._start_relay(reason, headers)
+            return
+        if self.upgrade is not None:
+            # The upstream refused the upgrade: answer, then close (the client parser
+            # stopped at the upgrade request).
+            self.close_after = True
+        self._write_head(ResponseHead(status, headers, reason), content_length)
+
+    def upstream_body(self, data: bytes) -> None:
+        if self.filters is not None:
+            for f in self.filters:
+                data = f.feed(data)
+                if not data:
+                    return
+        self._write_client_body(data)
+        self.conn.refresh_deadline()
+
+    def upstream_complete(self, keep_alive: bool) -> None:
+        upstream, self.upstream = self.upstream, None
+        if self.finished:
+            if upstream is not None:
+                upstream.close()
+            return
+        if self.filters is not None:
+            self._flush_filters()
+        if self.resp_chunked:
+            self.conn.write(b"0\r\n\r\n")
+        if upstream is not None and self.pool is not None:
+            self.pool.release(
+                upstream, keep_alive and self.upstream_sent_all and self.upgrade is None
+            )
+        self._finish()
+
+    def upstream_failed(self, exc: UpstreamError) -> None:
+        self.upstream = None
+        if self.finished:
+            return
+        if not self.response_started:
+            if self._can_retry_stale(exc):
+                self.retried = True
+                self.reused = False
+                assert self.pool is not None and self.service is not None
+                self.conn.plane.spawn(self._connect(self.pool, self.service))
+                return
+            self._upstream_error(exc)
+        else:
+            self._fail_client("upstream_closed")
+
+    def upstream_writable(self, writable: bool) -> None:
+        if writable:
+            self.conn.resume_reading(self.conn.PAUSE_UPSTREAM)
+        else:
+            self.conn.pause_reading(self.conn.PAUSE_UPSTREAM)
+
+    def client_writable(self, writable: bool) -> None:
+        upstream = self.upstream
+        if upstream is None:
+            return
+        if writable:
+            upstream.resume_reading()
+        else:
+            upstream.pause_reading()
+
+    def _can_retry_stale(self, exc: UpstreamError) -> bool:
+        # A pooled connection the upstream closed while idle fails before any byte of
+        # response: retry once on a fresh one when replaying cannot do harm.
+        if not self.reused or self.retried or exc.code != "upstream_unavailable":
+            return False
+        ctx = self.ctx
+        has_body = ctx.chunked or bool(ctx.content_length)
+        idempotent = ctx.method in IDEMPOTENT or header_get(ctx.headers, b"idempotency-key")
+        return not has_body and bool(idempotent)
+
+    # ---- writing to the client -----------------------------------------------------
+
+    def _write_head(
+        self, head: ResponseHead, content_length: int | None, body: bytes | None = None
+    ) -> None:
+        ctx = self.ctx
+        ctx.status = head.status
+        if ctx.response_headers:
+            head.headers.extend(ctx.response_headers)
+        chain = active_chain(ctx, self.chain)
+        filters = None
+        if chain.response_hooks or chain.body_filter_hooks:
+            filters = chain.run_response_headers(ctx, head)
+        no_body = ctx.method == "HEAD" or head.status in _NO_BODY_STATUS or head.status < 200
+        named = connection_tokens(head.headers)
+        drop = _DROP_DOWNSTREAM | named if named else _DROP_DOWNSTREAM
+        headers = [(k, v) for k, v in head.headers if k not in drop]
+        if filters is not None and not no_body:
+            self.filters = filters
+            content_length = None
+            if body is not None:
+                body = self._filter_all(body)
+                content_length = len(body)
+        if no_body:
+            if ctx.method == "HEAD" and content_length is not None:
+                headers.append((b"content-length", str(content_length).encode()))
+        elif content_length is not None:
+            headers.append((b"content-length", str(content_length).encode()))
+        elif ctx.http_version == "1.1":
+            headers.append((b"transfer-encoding", b"chunked"))
+            self.resp_chunked = True
+        else:
+            self.close_after = True  # HTTP/1.0: the close delimits the body
+        conn = self.conn
+        if conn.plane.draining or conn.reading_stopped:
+            self.close_after = True
+        if self.close_after:
+            headers.append((b"connection", b"close"))
+        elif ctx.http_version == "1.0":
+            headers.append((b"connection", b"keep-alive"))
+        self.response_started = True
+        data = render_head(head.status, head.reason, headers)
+        if body and not no_body:
+            data += body
+            ctx.bytes_out += len(body)
+        conn.write(data)
+
+    def _write_client_body(self, data: bytes) -> None:
+        self.ctx.bytes_out += len(data)
+        if self.resp_chunked:
+            self.conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self.conn.write(data)
+
+    def _filter_all(self, body: bytes) -> bytes:
+        assert self.filters is not None
+        for f in self.filters:
+            body = f.feed(body)
+        tail = self._finish_filters()
+        self.filters = None
+        return body + tail
+
+    def _finish_filters(self) -> bytes:
+        assert self.filters is not None
+        tail = b""
+        for f in self.filters:
+            tail = (f.feed(tail) if tail else b"") + f.finish()
+        return tail
+
+    def _flush_filters(self) -> None:
+        tail = self._finish_filters()
+        self.filters = None
+        if tail:
+            self._write_client_body(tail)
+
+    def respond(self, response: Response) -> None:
+        """Answer with a gateway-made response (errors, preflights, plugin answers)."""
+        if self.finished:
+            return
+        if self.response_started:
+            self._fail_client("error_after_response_started")
+            return
+        self._abort_upstream()
+        headers = list(response.headers)
+        headers.append((b"date", DATE.get()))
+        if self.body_pending:
+            # The rest of the body will not be read as a request of its own.
+            self.close_after = True
+        head = ResponseHead(response.status, headers, b"", from_gateway=True)
+        self._write_head(head, len(response.body), response.body)
+        self._finish()
+
+    def _upstream_error(self, exc: UpstreamError) -> None:
+        ctx = self.ctx
+        log.warning(
+            "upstream failed", request_id=ctx.request_id, upstream=ctx.upstream_addr,
+            error=str(exc), code=exc.code,
+        )
+        if self.response_started:
+            self._fail_client(exc.code)
+        else:
+            self.respond(
+                Response.error(exc.code, ctx.request_id, details={"upstream": ctx.upstream_addr})
+            )
+
+    def _upstream_error_now(self, code: str, message: str) -> None:
+        self._abort_upstream()
+        self._upstream_error(_coded(code, message))
+
+    # ---- timeouts and aborts -------------------------------------------------------
+
+    def on_timeout(self, kind: str) -> None:
+        if self.finished:
+            return
+        if kind == "upstream":
+            self._abort_upstream()
+            self._upstream_error(UpstreamReadTimeout("upstream read timed out"))
+        elif kind == "body":
+            self._abort_upstream()
+            self.close_after = True
+            if self.response_started:
+                self._fail_client("client_body_timeout")
+            else:
+                self.respond(Response.error("request_timeout", self.ctx.request_id))
+        else:
+            self._fail_client(f"{kind}_timeout")
+
+    def client_gone(self) -> None:
+        if self.finished:
+            return
+        self._abort_upstream()
+        self.ctx.aborted = "client_closed"
+        if not self.ctx.status:
+            self.ctx.status = 499  # nginx's code for "client closed request", logs only
+        self._finish(notify_client=False)
+
+    def _abort_upstream(self) -> None:
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.abort()
+
+    def _fail_client(self, reason: str) -> None:
+        """Something broke after the response began: all we can do is cut it."""
+        self._abort_upstream()
+        self.ctx.aborted = reason
+        self.close_after = True
+        self.conn.abort()
+        self._finish(notify_client=False)
+
+    # ---- websocket and other upgrades ----------------------------------------------
+
+    def _start_relay(self, reason: bytes, headers: Headers) -> None:
+        ctx = self.ctx
+        ctx.status = 101
+        head = ResponseHead(101, headers, reason)
+        if ctx.response_headers:
+            head.headers.extend(ctx.response_headers)
+        active_chain(ctx, self.chain).run_response_headers(ctx, head)
+        out = [(k, v) for k, v in head.headers if k not in HOP_BY_HOP]
+        assert self.upgrade is not None
+        out += [(b"connection", b"upgrade"), (b"upgrade", self.upgrade)]
+        self.response_started = True
+        self.conn.write(render_head(101, reason, out))
+        upstream = self.upstream
+        assert upstream is not None
+        upstream.start_relay()
+        self.conn.start_relay(self)
+        if self.upgrade_tail:
+            upstream.write(self.upgrade_tail)
+            self.upgrade_tail = b""
+
+    def upstream_upgraded(self, tail: bytes) -> None:
+        if tail:
+            self.relay_from_upstream(tail)
+
+    def relay_from_upstream(self, data: bytes) -> None:
+        self.ctx.bytes_out += len(data)
+        self.conn.write(data)
+        self.conn.refresh_deadline()
+
+    def relay_from_client(self, data: bytes) -> None:
+        upstream = self.upstream
+        self.ctx.bytes_in += len(data)
+        if upstream is not None:
+            upstream.write(data)
+        self.conn.refresh_deadline()
+
+    def relay_closed(self) -> None:
+        """The upstream side of a relay closed: close the client side after flushing."""
+        self.upstream = None
+        self.close_after = True
+        self._finish()
+
+    def client_relay_closed(self) -> None:
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.close()
+        self._finish(notify_client=False)
+
+    # ---- the end -------------------------------------------------------------------
+
+    def _finish(self, notify_client: bool = True) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        ctx = self.ctx
+        ctx.finished_at = time.perf_counter()
+        if notify_client:
+            self.conn.exchange_done(self)
+        else:
+            self.conn.exchange_dropped(self)
+        plane = self.conn.plane
+        chain = active_chain(ctx, self.chain)
+        if chain.log_hooks:
+            chain.run_log(ctx)
+        route = ctx.route
+        plane.metrics.request(
+            route.name if route is not None else "",
+            self.service.name if self.service is not None else "",
+            ctx.status,
+            ctx.finished_at - ctx.start,
+            ctx.upstream_headers_at - ctx.upstream_start if ctx.upstream_headers_at else None,
+        )
+
+
+def _coded(code: str, message: str) -> UpstreamError:
+    exc = UpstreamError(message)
+    exc.code = code
+    return exc
+
