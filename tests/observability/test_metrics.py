@@ -181,6 +181,10 @@ def test_multiprocess_mode_sums_the_workers(multiprocess_dir: Path) -> None:
     labels = {"route": "/v1/images", "service": "images", "status": "200"}
     assert value("tollway_requests_total", **labels) == 8
     assert value("tollway_request_duration_seconds_count", route="/v1/images") == 8
+    hist = "tollway_request_duration_seconds"
+    assert value(f"{hist}_bucket", route="/v1/images", le="0.01") == 0
+    assert value(f"{hist}_bucket", route="/v1/images", le="0.025") == 8
+    assert value(f"{hist}_sum", route="/v1/images") == pytest.approx(8 * 0.02)
     assert value("tollway_upstream_duration_seconds_count", service="images") == 7
     assert value("tollway_open_connections") == 2
 

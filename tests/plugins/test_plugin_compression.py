@@ -172,3 +172,12 @@ def test_level_and_random_data_round_trip() -> None:
 def test_bad_config_is_rejected(cfg: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         CompressionConfig.model_validate(cfg)
+
+
+def test_gateway_made_answers_are_not_compressed() -> None:
+    ctx = build_ctx(headers=[(b"accept-encoding", b"gzip")])
+    h = head(403, [(b"content-type", b"application/json; charset=utf-8")], from_gateway=True)
+    p = plugin(min_size=0)
+    p.response_headers(ctx, h)
+    assert p.body_filter(ctx, h) is None
+    assert header_get(h.headers, b"content-encoding") is None

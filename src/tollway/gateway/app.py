@@ -62,7 +62,7 @@ class Gateway:
         self.serve_proxy = serve_proxy
         self.reuse_port = reuse_port
         self.metrics = metrics or metrics_mod.GatewayMetrics()
-        self.health = HealthRegistry()
+        self.health = HealthRegistry(workers=settings.workers)
         self.plane: DataPlane | None = None
         self.admin: EmbeddedServer | None = None
         self.watcher: ConfigWatcher | None = None
@@ -88,7 +88,7 @@ class Gateway:
             state = AdminState(
                 settings=self.settings,
                 health=self.health,
-                metrics_render=self._render_metrics,
+                metrics_render=self.metrics.render,
                 snapshot_info=self._snapshot_info,
             )
             self.admin = EmbeddedServer(
@@ -107,11 +107,6 @@ class Gateway:
                 loop=loop,
             )
             self.watcher.start()
-
-    def _render_metrics(self) -> tuple[bytes, str]:
-        if os.environ.get(metrics_mod.MULTIPROC_ENV) is None:
-            self.metrics.flush()
-        return metrics_mod.render_latest()
 
     def _snapshot_info(self) -> dict[str, Any]:
         info = self.snapshot.summary() if self.snapshot else {}
@@ -228,7 +223,7 @@ async def _run_parent(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.5)
         for pid in list(children):
-            done, status = os.waitpid(pid, os.WNOHANG)
+            done, status = os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 (WNOHANG: no wait)
             if done:
                 children.remove(pid)
                 metrics_mod.worker_exited(pid)
@@ -240,7 +235,7 @@ async def _run_parent(
     deadline = loop.time() + settings.shutdown_timeout + 5
     while children and loop.time() < deadline:
         for pid in list(children):
-            done, _ = os.waitpid(pid, os.WNOHANG)
+            done, _ = os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 (WNOHANG: no wait)
             if done:
                 children.remove(pid)
                 metrics_mod.worker_exited(pid)

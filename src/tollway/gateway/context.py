@@ -101,6 +101,8 @@ class RequestContext:
     client_ip: str
     host: str
     scheme: str = "http"
+    # The Host header as the client sent it (port included), b"" when absent.
+    host_header: bytes = b""
     request_id: str | None = None
     route: Route | None = None
     # Path params captured by `{param}` route templates.

@@ -8,6 +8,7 @@ request: a keep-alive request then costs a float store, not a timer handle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Coroutine
 from typing import Any, Protocol
@@ -70,6 +71,7 @@ class DataPlane:
         self._sweeper: asyncio.TimerHandle | None = None
         self._ticks = 0
         self._retired: list[Snapshot] = []
+        self._all_closed = asyncio.Event()
 
     # ---- listening -----------------------------------------------------------------
 
@@ -100,6 +102,8 @@ class DataPlane:
     def connection_closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
         self.metrics.connection_closed()
+        if self.draining and not self.connections:
+            self._all_closed.set()
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a request's waiting part as a task that cannot be garbage-collected."""
@@ -144,8 +148,8 @@ class DataPlane:
 
     # ---- shutdown ------------------------------------------------------------------
 
-    async def shutdown(self, timeout: float) -> int:
-        """Stop accepting, let in-flight requests finish up to `timeout`, then close.
+    async def shutdown(self, grace: float) -> int:
+        """Stop accepting, let in-flight requests finish up to `grace` s, then close.
 
         Returns how many connections had to be cut.
         """
@@ -154,9 +158,9 @@ class DataPlane:
             server.close()
         for conn in list(self.connections):
             conn.drain()
-        deadline = self.loop.time() + timeout
-        while self.connections and self.loop.time() < deadline:
-            await asyncio.sleep(0.05)  # polling a set; nothing to await on
+        if self.connections:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), grace)
         cut = len(self.connections)
         for conn in list(self.connections):
             conn.abort()

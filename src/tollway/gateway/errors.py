@@ -34,6 +34,14 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "circuit_open": (503, "The upstream circuit is open"),
     "service_unavailable": (503, "The gateway is shutting down"),
     "internal_error": (500, "Internal gateway error"),
+    # Admin and platform APIs (FastAPI apps) share the same codes.
+    "not_found": (404, "Not found"),
+    "unauthorized": (401, "Authentication required"),
+    "conflict": (409, "Conflict"),
+    "validation_error": (422, "The request did not validate"),
+    "rate_limited": (429, "Too many requests"),
+    "not_ready": (503, "Not ready"),
+    "health_check_failed": (503, "A health check failed"),
 }
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from tollway.config.schema import HTTP_METHODS
 from tollway.gateway.context import (
     Headers,
     RequestContext,
@@ -26,8 +27,8 @@ from tollway.gateway.context import (
     header_get,
 )
 from tollway.gateway.errors import GatewayError
-from tollway.gateway.forwarded import FORWARDING_HEADERS, VIA, forwarding_headers
-from tollway.gateway.http11 import DATE, HOP_BY_HOP, connection_tokens, render_head
+from tollway.gateway.forwarded import FORWARDING_HEADERS, forwarding_block
+from tollway.gateway.http11 import DATE, HOP_BY_HOP, HopFilter, render_head
 from tollway.gateway.pipeline import Chain, active_chain
 from tollway.upstream.errors import UpstreamError, UpstreamReadTimeout
 
@@ -45,8 +46,11 @@ BODY_BUFFER = 64 * 1024
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Headers the upstream request never carries from the client as they are.
-_DROP_UPSTREAM = HOP_BY_HOP | FORWARDING_HEADERS | {b"host", b"content-length", b"expect"}
-_DROP_DOWNSTREAM = HOP_BY_HOP | {b"content-length"}
+_UPSTREAM_HOPS = HopFilter(
+    HOP_BY_HOP | FORWARDING_HEADERS | {b"host", b"content-length", b"expect"}
+)
+_DOWNSTREAM_HOPS = HopFilter(HOP_BY_HOP | {b"content-length"})
+_METHOD_BYTES = {m: m.encode() for m in HTTP_METHODS}
 _NO_BODY_STATUS = frozenset({204, 304})
 
 
@@ -58,15 +62,18 @@ class Exchange:
         "chain",
         "close_after",
         "conn",
+        "connection",
         "ctx",
         "expect_continue",
         "filters",
         "finished",
         "keep_alive",
+        "out",
         "pool",
         "preset",
         "request_done",
         "resp_chunked",
+        "resp_connection",
         "response_started",
         "retried",
         "reused",
@@ -94,6 +101,8 @@ class Exchange:
         self.snapshot = snapshot
         self.upgrade = upgrade
         self.upgrade_tail = b""
+        # The client's Connection header (what else it names is not forwarded).
+        self.connection: bytes | None = None
         self.expect_continue = expect_continue
         self.chain: Chain = snapshot.global_chain
         self.service: Service | None = None
@@ -109,7 +118,11 @@ class Exchange:
         self.finished = False
         self.close_after = not keep_alive
         self.resp_chunked = False
+        self.resp_connection: bytes | None = None
         self.filters: list[BodyFilter] | None = None
+        # Client-bound bytes produced while handling one upstream read: written in
+        # one send by flush_output(), not one syscall per head and chunk.
+        self.out: list[bytes] = []
         self.reused = False
         self.retried = False
         # An answer decided before routing (a refused request): sent when its turn comes.
@@ -134,7 +147,9 @@ class Exchange:
             if match is not None:
                 route = match.route
                 ctx.route = route
-                ctx.path_params = match.path_params
+                if match.path_params:
+                    # The match may come from the router's cache: copy, never share.
+                    ctx.path_params = dict(match.path_params)
                 self.upstream_path = match.upstream_path
                 self.service = route.service
                 if route.chain is not None:
@@ -183,6 +198,9 @@ class Exchange:
         if self.expect_continue and not self.request_done and self.body_received == 0:
             self.conn.write(CONTINUE)
         target = service.pick()
+        # Known from here on, so that an error before any byte is sent (connect
+        # refused, connect timeout) still names the upstream it could not reach.
+        ctx.upstream_addr = target.key
         pool = self.pool = self.conn.plane.pools.get(target, service.pool)
         upstream = pool.acquire_nowait()
         if upstream is not None:
@@ -237,31 +255,26 @@ class Exchange:
 
     def _request_head(self) -> bytes:
         ctx = self.ctx
-        service = self.service
-        assert service is not None and self.pool is not None
+        assert self.pool is not None
         route = ctx.route
         target = self.pool.target
         if route is not None and route.config.preserve_host:
-            host = header_get(ctx.headers, b"host") or target.authority
+            host = ctx.host_header or target.authority
         else:
             host = target.authority
-        path = self.upstream_path.encode("latin-1")
-        parts = [ctx.method.encode(), b" ", path]
+        parts = [_METHOD_BYTES.get(ctx.method) or ctx.method.encode(), b" ",
+                 self.upstream_path.encode("latin-1")]
         if ctx.query:
             parts += (b"?", ctx.query)
         parts += (b" HTTP/1.1\r\nhost: ", host, b"\r\n")
-        named = connection_tokens(ctx.headers)
-        drop = _DROP_UPSTREAM | named if named else _DROP_UPSTREAM
+        drop = _UPSTREAM_HOPS.drop(self.connection)
         for name, value in ctx.headers:
             if name not in drop:
                 parts += (name, b": ", value, b"\r\n")
-        trusted = self.snapshot.trusted_proxies.contains(ctx.peer_ip)
-        client_host = header_get(ctx.headers, b"host") or ctx.host.encode()
-        for name, value in forwarding_headers(
-            ctx.headers, ctx.peer_ip, client_host, self.conn.local_port, trusted
-        ):
-            parts += (name, b": ", value, b"\r\n")
-        parts.append(b"via: " + VIA + b"\r\n")
+        parts.append(forwarding_block(
+            ctx.headers, ctx.peer_ip, ctx.host_header or ctx.host.encode(),
+            self.conn.local_port, self.snapshot.trusted_proxies.contains(ctx.peer_ip),
+        ))
         if self.upgrade is not None:
             parts += (b"connection: upgrade\r\nupgrade: ", self.upgrade, b"\r\n")
         if ctx.content_length is not None:
@@ -342,9 +355,10 @@ class Exchange:
 
     def upstream_head(
         self, status: int, reason: bytes, headers: Headers, content_length: int | None,
-        chunked: bool,
+        chunked: bool, connection: bytes | None,
     ) -> None:
         ctx = self.ctx
+        self.resp_connection = connection
         ctx.upstream_headers_at = time.perf_counter()
         if status == 101:
             if self.upgrade is None:
@@ -376,7 +390,8 @@ class Exchange:
         if self.filters is not None:
             self._flush_filters()
         if self.resp_chunked:
-            self.conn.write(b"0\r\n\r\n")
+            self.out.append(b"0\r\n\r\n")
+        self.flush_output()
         if upstream is not None and self.pool is not None:
             self.pool.release(
                 upstream, keep_alive and self.upstream_sent_all and self.upgrade is None
@@ -437,8 +452,7 @@ class Exchange:
         if chain.response_hooks or chain.body_filter_hooks:
             filters = chain.run_response_headers(ctx, head)
         no_body = ctx.method == "HEAD" or head.status in _NO_BODY_STATUS or head.status < 200
-        named = connection_tokens(head.headers)
-        drop = _DROP_DOWNSTREAM | named if named else _DROP_DOWNSTREAM
+        drop = _DOWNSTREAM_HOPS.drop(self.resp_connection)
         headers = [(k, v) for k, v in head.headers if k not in drop]
         if filters is not None and not no_body:
             self.filters = filters
@@ -464,18 +478,23 @@ class Exchange:
         elif ctx.http_version == "1.0":
             headers.append((b"connection", b"keep-alive"))
         self.response_started = True
-        data = render_head(head.status, head.reason, headers)
+        self.out.append(render_head(head.status, head.reason, headers))
         if body and not no_body:
-            data += body
+            self.out.append(body)
             ctx.bytes_out += len(body)
-        conn.write(data)
 
     def _write_client_body(self, data: bytes) -> None:
         self.ctx.bytes_out += len(data)
         if self.resp_chunked:
-            self.conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+            self.out.append(b"%x\r\n%b\r\n" % (len(data), data))
         else:
-            self.conn.write(data)
+            self.out.append(data)
+
+    def flush_output(self) -> None:
+        out = self.out
+        if out:
+            self.conn.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
 
     def _filter_all(self, body: bytes) -> bytes:
         assert self.filters is not None
@@ -513,6 +532,7 @@ class Exchange:
             self.close_after = True
         head = ResponseHead(response.status, headers, b"", from_gateway=True)
         self._write_head(head, len(response.body), response.body)
+        self.flush_output()
         self._finish()
 
     def _upstream_error(self, exc: UpstreamError) -> None:
@@ -567,6 +587,7 @@ class Exchange:
     def _fail_client(self, reason: str) -> None:
         """Something broke after the response began: all we can do is cut it."""
         self._abort_upstream()
+        self.out.clear()
         self.ctx.aborted = reason
         self.close_after = True
         self.conn.abort()

@@ -9,6 +9,7 @@ forwarding headers it sent are overwritten, so a client cannot forge its IP.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -70,10 +71,10 @@ def _strip_port(hop: str) -> str:
     return hop
 
 
-def forwarding_headers(
+def forwarding_block(
     headers: Headers, peer_ip: str, host: bytes, port: int, trusted: bool
-) -> Headers:
-    """The forwarding headers for the upstream request.
+) -> bytes:
+    """The forwarding header lines for the upstream request, as one block of bytes.
 
     `headers` are the client's; only read here. With an untrusted peer everything is
     ours; with a trusted one, its values are kept and extended.
@@ -96,17 +97,22 @@ def forwarding_headers(
     own_proto = proto or b"http"
     own_host = fhost or host
     element = b"for=" + for_node + b";host=" + _quote(own_host) + b";proto=" + own_proto
-    return [
-        (b"x-forwarded-for", xff + b", " + peer if xff else peer),
-        (b"x-forwarded-proto", own_proto),
-        (b"x-forwarded-host", own_host),
-        (b"x-forwarded-port", fport or str(port).encode()),
-        (b"forwarded", fwd + b", " + element if fwd else element),
-    ]
+    return b"".join((
+        b"x-forwarded-for: ", xff + b", " + peer if xff else peer,
+        b"\r\nx-forwarded-proto: ", own_proto,
+        b"\r\nx-forwarded-host: ", own_host,
+        b"\r\nx-forwarded-port: ", fport or _PORTS.get(port) or str(port).encode(),
+        b"\r\nforwarded: ", fwd + b", " + element if fwd else element,
+        b"\r\nvia: ", VIA, b"\r\n",
+    ))
+
+
+_PORTS = {80: b"80", 443: b"443", 8000: b"8000"}
+_NEEDS_QUOTE = re.compile(rb'[:\[\]";, ]')
 
 
 def _quote(value: bytes) -> bytes:
     # RFC 7239 §4: a value with ":" (host:port) must be a quoted-string.
-    if any(c in value for c in b':[]";, '):
+    if _NEEDS_QUOTE.search(value):
         return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
     return value

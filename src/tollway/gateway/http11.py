@@ -46,33 +46,79 @@ class RequestRejected(Exception):
         self.status = status
 
 
-def check_request_headers(headers: Headers, http_version: str) -> tuple[int | None, bool]:
-    """Apply the checks llhttp leaves to us. Returns (content_length, chunked).
+def scan_request_headers(
+    headers: Headers, http_version: str
+) -> tuple[int | None, bool, bytes | None, bytes | None, bytes | None]:
+    """One pass over the request headers: (content_length, chunked, host, expect,
+    connection), applying the checks llhttp leaves to us.
 
     Raises RequestRejected for anything ambiguous: an ambiguous request is never
     forwarded (RFC 9112 §6.1, §6.3, §11.2).
     """
     hosts = 0
+    host = expect = connection = None
     content_length: int | None = None
     chunked = False
     for name, value in headers:
         if name == b"host":
             hosts += 1
-        elif name == b"transfer-encoding":
-            # Only exactly "chunked": a coding list ("gzip, chunked") is legal HTTP
-            # but a classic desync vector, and no real client sends one.
-            if chunked or value.strip().lower() != b"chunked":
-                raise RequestRejected("bad_request", "Transfer-Encoding must be exactly chunked")
-            chunked = True
+            host = value
         elif name == b"content-length":
             content_length = int(value)  # llhttp already refused anything but digits
-    if http_version == "1.1" and hosts != 1:
-        raise RequestRejected(
-            "bad_request", "HTTP/1.1 requests need exactly one Host header"
-        )
+        elif name == b"transfer-encoding":
+            chunked = _check_transfer_encoding(value, chunked, http_version)
+        elif name == b"connection":
+            connection = value if connection is None else connection + b"," + value
+        elif name == b"expect":
+            expect = value
     if hosts > 1:
         raise RequestRejected("bad_request", "Repeated Host header")
-    return content_length, chunked
+    if http_version == "1.1" and hosts != 1:
+        raise RequestRejected("bad_request", "HTTP/1.1 requests need exactly one Host header")
+    return content_length, chunked, host, expect, connection
+
+
+def _check_transfer_encoding(value: bytes, seen: bool, http_version: str) -> bool:
+    """Accept only "chunked", once: returns True or raises RequestRejected."""
+    if http_version != "1.1":
+        # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 means the framing is faulty.
+        raise RequestRejected("bad_request", "Transfer-Encoding in an HTTP/1.0 request")
+    codings = [c.strip().lower() for c in value.split(b",")]
+    if seen or codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
+        # RFC 9112 §6.3 rule 4, §7: chunked once, and last (field lines form one list;
+        # a coding after an earlier chunked line puts chunked before it).
+        raise RequestRejected("bad_request", "Transfer-Encoding must end with chunked, once")
+    if len(codings) > 1:
+        # "gzip, chunked" is legal HTTP but a classic desync vector that no real client
+        # sends: only chunked alone is implemented (RFC 9112 §6.1: 501).
+        raise RequestRejected("not_implemented", "Only the chunked transfer coding is supported")
+    return True
+
+
+class HopFilter:
+    """The set of headers not to forward: hop-by-hop ones plus what Connection names.
+
+    Connection values repeat ("keep-alive", "close", "upgrade"), so each value's
+    set is built once (bounded cache) instead of per message.
+    """
+
+    __slots__ = ("_cache", "base")
+
+    def __init__(self, base: frozenset[bytes]) -> None:
+        self.base = base
+        self._cache: dict[bytes, frozenset[bytes]] = {}
+
+    def drop(self, connection: bytes | None) -> frozenset[bytes]:
+        if connection is None:
+            return self.base
+        found = self._cache.get(connection)
+        if found is None:
+            tokens = {t.strip().lower() for t in connection.split(b",")} - {b"", b"close"}
+            found = self.base | tokens if tokens - self.base else self.base
+            if len(self._cache) >= 256:
+                self._cache.clear()
+            self._cache[connection] = found
+        return found
 
 
 def connection_tokens(headers: Headers) -> set[bytes]:

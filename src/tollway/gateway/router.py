@@ -58,7 +58,7 @@ class Router:
     bucket tried; it never scans the route list. Specificity order: docs/routing.md.
     """
 
-    __slots__ = ("_any", "_exact", "_prefix_wild", "_suffix_wild")
+    __slots__ = ("_any", "_cache", "_cacheable", "_exact", "_prefix_wild", "_suffix_wild")
 
     def __init__(self, routes: Sequence[Route]) -> None:
         exact: dict[str, list[Entry]] = {}
@@ -76,6 +76,8 @@ class Router:
             )
             rewrite = re.compile(cfg.rewrite.pattern) if cfg.rewrite else None
             route.compiled = _Compiled(rewrite, cfg.rewrite.replacement if cfg.rewrite else "")
+            # Rows 5-9 of the specificity table; rows 1-4 come from which host bucket
+            # and which trie node an entry sits in, so they need no per-entry key.
             entries = [
                 Entry(
                     route,
@@ -100,29 +102,33 @@ class Router:
         self._suffix_wild = {h: Table(e) for h, e in suffix.items()}
         self._prefix_wild = {h: Table(e) for h, e in prefix.items()}
         self._any = Table(anyhost)
+        # Most traffic repeats a few (method, host, path) triples: remember their
+        # answer. Only when no route has header conditions (the answer would then
+        # depend on headers too). Bounded: emptied when full, so a flood of unique
+        # paths costs a rebuild now and then, never unbounded memory.
+        self._cacheable = not any(route.config.headers for route in routes)
+        self._cache: dict[tuple[str, str, str], RouteMatch | None] = {}
 
     def _tables(self, host: str) -> list[Table]:
         """The host buckets that apply to `host`, most specific first."""
-        tables: list[Table] = []
-        table = self._exact.get(host)
-        if table is not None:
-            tables.append(table)
-        if self._suffix_wild or self._prefix_wild:
-            wild: list[tuple[int, int, Table]] = []
-            suffix, prefix = self._suffix_wild, self._prefix_wild
-            dot = host.find(".")
-            while dot != -1:
-                # "*.example.com" needs a label before ".example.com"; "example.*"
-                # needs something after "example.".
-                if suffix and dot > 0 and (table := suffix.get(host[dot:])) is not None:
-                    wild.append((dot - len(host), 0, table))
-                if (prefix and dot + 1 < len(host)
-                        and (table := prefix.get(host[:dot + 1])) is not None):
-                    wild.append((-dot - 1, 1, table))
-                dot = host.find(".", dot + 1)
-            if wild:
-                wild.sort(key=_wild_order)
-                tables.extend(t for _, _, t in wild)
+        exact = self._exact.get(host)
+        if not (self._suffix_wild or self._prefix_wild):
+            return [self._any] if exact is None else [exact, self._any]
+        wild: list[tuple[int, int, Table]] = []
+        suffix, prefix = self._suffix_wild, self._prefix_wild
+        dot = host.find(".")
+        while dot != -1:
+            # "*.example.com" needs a label before ".example.com"; "example.*"
+            # needs something after "example.".
+            if suffix and dot > 0 and (table := suffix.get(host[dot:])) is not None:
+                wild.append((dot - len(host), 0, table))
+            if (prefix and dot + 1 < len(host)
+                    and (table := prefix.get(host[:dot + 1])) is not None):
+                wild.append((-dot - 1, 1, table))
+            dot = host.find(".", dot + 1)
+        wild.sort(key=_wild_order)
+        tables = [] if exact is None else [exact]
+        tables.extend(t for _, _, t in wild)
         tables.append(self._any)
         return tables
 
@@ -133,7 +139,24 @@ class Router:
 
         `host` is lower-case without port; `path` is the raw path without query.
         `service_path` for upstream_path comes from `route.service.base_path`.
+        The returned match may be shared between requests: do not mutate it.
         """
+        if self._cacheable:
+            key = (method, host, path)
+            try:
+                return self._cache[key]
+            except KeyError:
+                found = self._match(method, host, path, headers)
+                cache = self._cache
+                if len(cache) >= CACHE_SIZE:
+                    cache.clear()
+                cache[key] = found
+                return found
+        return self._match(method, host, path, headers)
+
+    def _match(
+        self, method: str, host: str, path: str, headers: Headers
+    ) -> RouteMatch | None:
         for table in self._tables(host):
             for entry, end, found in table.candidates(path):
                 if entry.accepts(method, headers):
@@ -153,6 +176,9 @@ class Router:
         return frozenset(methods)
 
 
+CACHE_SIZE = 8192
+
+
 def _wild_order(item: tuple[int, int, Table]) -> tuple[int, int]:
     return item[0], item[1]
 
@@ -166,7 +192,7 @@ class _Compiled:
 def _route_match(
     entry: Entry, path: str, end: int, found: list[str] | re.Match[str] | None
 ) -> RouteMatch:
-    route: Route = entry.route
+    route = entry.route
     if isinstance(found, list):
         params = {name: found[i] for i, name in entry.path.params}
     elif found is not None:

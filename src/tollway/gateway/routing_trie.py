@@ -12,7 +12,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tollway.gateway.router import Route
 
 EXACT = 0
 PREFIX = 1
@@ -95,7 +98,7 @@ def _regex_literal_segments(pattern: str) -> tuple[str | None, ...]:
 class Entry:
     """One (route, host pattern, path pattern) combination, ready to match."""
 
-    route: Any  # tollway.gateway.router.Route (kept untyped to avoid an import cycle)
+    route: Route
     path: PathPattern
     methods: frozenset[str] | None
     headers: tuple[HeaderCond, ...]
@@ -162,7 +165,7 @@ class Table:
                 node = self._child(node, seg)
             {EXACT: node.exact, PREFIX: node.prefix, REGEX: node.regex}[pattern.kind].append(entry)
         nodes = list(self._walk_all())
-        nodes.sort(key=lambda n: (-n.depth, tuple(-x for x in n.mask)))
+        nodes.sort(key=lambda n: (-n.depth, n.mask))
         for rank, node in enumerate(nodes):
             node.rank = rank
             node.exact.sort(key=_key)
@@ -197,6 +200,7 @@ class Table:
             segs = path[1:].split("/")
             n = len(segs)
             reached: list[Node] = []
+            branched = False
             stack = [root]
             while stack:
                 node = stack.pop()
@@ -209,8 +213,12 @@ class Table:
                         stack.append(child)
                     if node.param is not None and seg:
                         stack.append(node.param)
-            if len(reached) > 1:
+                        branched = True
+            # A walk that never took a {param} branch is one chain, shallowest first.
+            if branched:
                 reached.sort(key=_rank)
+            else:
+                reached.reverse()
             end = len(path)
             for node in reached:
                 if node.exact and node.depth == n:

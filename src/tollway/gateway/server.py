@@ -22,11 +22,11 @@ from tollway.gateway.forwarded import resolve_client_ip
 from tollway.gateway.http11 import (
     DATE,
     RequestRejected,
-    check_request_headers,
     host_without_port,
     is_upgrade,
     normalize_path,
     render_head,
+    scan_request_headers,
     split_target,
 )
 
@@ -37,6 +37,16 @@ log = structlog.get_logger("tollway.server")
 
 MAX_PIPELINE = 32
 _METHODS: dict[bytes, str] = {}
+# Host header -> routing host (lower-case, no port); bounded, hosts repeat.
+_HOSTS: dict[str, str] = {}
+
+
+def _host_key(host: str) -> str:
+    key = host_without_port(host)
+    if len(_HOSTS) >= 1024:
+        _HOSTS.clear()
+    _HOSTS[host] = key
+    return key
 
 
 class _Refuse(Exception):
@@ -46,6 +56,10 @@ class _Refuse(Exception):
         super().__init__(code)
         self.code = code
         self.message = message
+
+
+class _Stop(Exception):
+    """Raised inside a parser callback to stop parsing silently (reading stopped)."""
 
 
 class ClientConnection(asyncio.Protocol):
@@ -71,7 +85,7 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self.closed = False
         # Set once a request is refused or upgraded: no further bytes are parsed.
-        self.reading_stopped = False
+        self._stopped = False
         self._upgrade_buf: list[bytes] = []
         self._url = b""
         self._headers: Headers = []
@@ -107,7 +121,7 @@ class ClientConnection(asyncio.Protocol):
         if relay is not None:
             relay.relay_from_client(data)
             return
-        if self.reading_stopped:
+        if self._stopped:
             if self.queue and self.queue[-1].upgrade is not None:
                 # Bytes after an upgrade request belong to the upgraded protocol.
                 self.queue[-1].upgrade_tail += data
@@ -128,6 +142,8 @@ class ClientConnection(asyncio.Protocol):
             cause = exc.__context__
             if isinstance(cause, _Refuse):
                 self._refuse(cause.code, cause.message)
+            elif isinstance(cause, _Stop):
+                pass
             else:
                 log.error("parser callback failed", error=repr(cause), exc_info=cause)
                 self._refuse("internal_error")
@@ -163,6 +179,9 @@ class ClientConnection(asyncio.Protocol):
     # ---- httptools callbacks -------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._stopped:
+            # The rest of a packet after a refused request is never parsed.
+            raise _Stop
         self._url = b""
         self._headers = []
         self._in_head = True
@@ -196,10 +215,20 @@ class ClientConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         exchange = self.parsing
-        if exchange is not None:
-            exchange.request_body(body)
-            if self.deadline_kind == "body":
-                self.refresh_deadline()
+        if exchange is None or exchange.preset is not None:
+            return  # refused before routing: the body is dropped
+        if (
+            self.queue and self.queue[0] is not exchange
+            and exchange.body_received + len(body) > exchange.ctx.max_body_size
+        ):
+            # Queued behind other requests: only the first in the queue writes, so
+            # the refusal waits for its turn.
+            exchange.preset = Response.error("payload_too_large", None)
+            self._stop_reading()
+            raise _Stop
+        exchange.request_body(body)
+        if self.deadline_kind == "body":
+            self.refresh_deadline()
 
     def on_message_complete(self) -> None:
         self._in_body = False
@@ -229,6 +258,7 @@ class ClientConnection(asyncio.Protocol):
         )
         upgrade = is_upgrade(headers) if parser.should_upgrade() else None
         expect = False
+        connection = None
         try:
             if version not in ("1.1", "1.0"):
                 raise RequestRejected(
@@ -236,25 +266,26 @@ class ClientConnection(asyncio.Protocol):
                 )
             if method == "CONNECT":
                 raise RequestRejected("not_implemented", "CONNECT is not supported")
-            ctx.content_length, ctx.chunked = check_request_headers(headers, version)
+            ctx.content_length, ctx.chunked, host_header, expect_value, connection = (
+                scan_request_headers(headers, version)
+            )
             path, ctx.query, authority = split_target(self._url)
+            if path == "*" and method != "OPTIONS":
+                # RFC 9112 §3.2.4: the asterisk-form is only for a server-wide OPTIONS.
+                raise RequestRejected("bad_request", "Invalid request target")
             ctx.path = normalize_path(path)
-            host = authority or ""
-            if not host:
-                for name, value in headers:
-                    if name == b"host":
-                        host = value.decode("latin-1")
-                        break
-            ctx.host = host_without_port(host)
+            if host_header is not None:
+                ctx.host_header = host_header
+            host = authority or (host_header or b"").decode("latin-1")
+            ctx.host = _HOSTS.get(host) or _host_key(host)
             if snapshot.trusted_proxies:
                 ctx.client_ip = resolve_client_ip(
                     self.peer_ip, headers, snapshot.trusted_proxies
                 )
-            for name, value in headers:
-                if name == b"expect":
-                    if value.lower() != b"100-continue":
-                        raise RequestRejected("expectation_failed", "Only 100-continue")
-                    expect = version == "1.1"
+            if expect_value is not None:
+                if expect_value.lower() != b"100-continue":
+                    raise RequestRejected("expectation_failed", "Only 100-continue")
+                expect = version == "1.1"
         except RequestRejected as exc:
             exchange = Exchange(self, ctx, False, snapshot, None, False)
             exchange.preset = Response.error(exc.code, None, exc.message, status=exc.status)
@@ -267,13 +298,14 @@ class ClientConnection(asyncio.Protocol):
             self._stop_reading()
             return exchange
         exchange = Exchange(self, ctx, parser.should_keep_alive(), snapshot, upgrade, expect)
+        exchange.connection = connection
         if upgrade is not None:
             self._stop_reading()
         return exchange
 
     def _start(self, exchange: Exchange) -> None:
-        self.set_deadline("body" if not exchange.request_done else "upstream",
-                          self.settings.body_timeout)
+        if exchange.body_pending:
+            self.set_deadline("body", self.settings.body_timeout)
         exchange.start()
 
     def exchange_done(self, exchange: Exchange) -> None:
@@ -297,7 +329,7 @@ class ClientConnection(asyncio.Protocol):
             if self._paused & self.PAUSE_PIPELINE and len(self.queue) < MAX_PIPELINE // 2:
                 self.resume_reading(self.PAUSE_PIPELINE)
             self._start(self.queue[0])
-        elif self.reading_stopped or self._eof:
+        elif self._stopped or self._eof:
             self.close()
         else:
             self.set_deadline("idle", self.settings.keepalive_timeout)
@@ -323,9 +355,18 @@ class ClientConnection(asyncio.Protocol):
     def _refuse(self, code: str, message: str | None = None) -> None:
         """A request that cannot be parsed further: answer in turn, then close."""
         parsing = self.parsing
-        if parsing is not None and not parsing.finished:
-            parsing.request_invalid(message or code)
+        if parsing is not None:
             self._stop_reading()
+            if parsing.finished:
+                # Answered already (413, timeout): no second response.
+                if not self.queue:
+                    self.close()
+            elif self.queue and self.queue[0] is not parsing:
+                # Not its turn yet: answer when it comes, in order.
+                if parsing.preset is None:
+                    parsing.preset = Response.error("bad_request", None, message or code)
+            else:
+                parsing.request_invalid(message or code)
             return
         self._stop_reading()
         ctx = RequestContext(
@@ -340,6 +381,11 @@ class ClientConnection(asyncio.Protocol):
             exchange.start()
 
     def _parse_error(self, message: str) -> None:
+        if message == "Invalid HTTP version":
+            # llhttp's word for well-formed digits naming a version it does not speak
+            # (HTTP/1.2, HTTP/3.0); malformed ones get other messages and a 400.
+            self._refuse("version_not_supported")
+            return
         self._refuse("bad_request", f"Malformed request: {message}")
 
     def _upgraded(self, tail: bytes) -> None:
@@ -348,10 +394,20 @@ class ClientConnection(asyncio.Protocol):
             self._refuse("bad_request", "Unexpected upgrade")
             return
         exchange.upgrade_tail += tail
-        self.reading_stopped = True
+        self._stopped = True
 
     def _stop_reading(self) -> None:
-        self.reading_stopped = True
+        self._stopped = True
+
+    @property
+    def reading_stopped(self) -> bool:
+        """True when the response being written is the last one on this connection.
+
+        Responses to requests pipelined before the refused (or upgrade) request that
+        stopped reading still go out on a kept-alive connection: only the last queued
+        exchange, the one that stopped reading, ends it.
+        """
+        return self._stopped and len(self.queue) <= 1
 
     # ---- socket control ------------------------------------------------------------
 

@@ -137,10 +137,11 @@ def _add_observations(child: Histogram, slots: list[float]) -> None:
     request would put the per-request cost back (plus an mmap write each in
     multiprocess mode). A custom collector is no way out: the parent's
     MultiProcessCollector only reads the mmap files, so it would never see it.
-    So this uses the child's own value objects (`_buckets`, `_sum`, in every
-    prometheus_client 0.x): per-bucket, non-cumulative counts, exactly what
+    So this uses the child's own value objects (`_buckets`, `_sum`, as of
+    prometheus_client 0.26): per-bucket, non-cumulative counts, exactly what
     `observe()` increments, in both the in-process and the mmap value classes.
-    tests/observability/test_metrics.py checks the exposed buckets, sum and count.
+    tests/observability/test_metrics.py checks the exposed buckets, sum and count
+    in both modes, so an upgrade that changes them fails there, not in production.
     """
     buckets = child._buckets
     if len(buckets) != len(slots) - 1:

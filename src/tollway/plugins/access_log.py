@@ -3,9 +3,10 @@
 Priority 9 (Kong's file-log): the log phase runs after the last byte went out, and
 the lowest priority lets every other plugin's log hook (usage, metrics) go first.
 
-Lines are plain `json.dumps` rather than structlog: structlog's processor chain
-costs several microseconds per event, which is too much for a line written on
-every request; the gateway's own diagnostic logs still go through structlog.
+Lines are encoded with orjson rather than through structlog: structlog's processor
+chain (and the stdlib json encoder) cost several microseconds per event, too much
+for a line written on every request; orjson encodes one in well under one. The
+gateway's own diagnostic logs still go through structlog.
 
 Nothing is written synchronously per request. A line is appended to an in-memory
 buffer; the buffer is written out when it passes 64 KiB or 0.2 s after its first
@@ -25,13 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import json
 import logging
 import os
 import sys
 import time
 from typing import IO, Any
 
+import orjson
 from pydantic import Field, field_validator
 
 from tollway.gateway.context import RequestContext
@@ -61,6 +62,11 @@ FLUSH_BYTES = 64 * 1024
 FLUSH_SECONDS = 0.2
 
 _log = logging.getLogger(__name__)
+
+
+
+def _encode(record: dict[str, Any]) -> bytes:
+    return orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE)
 
 
 class _Writer:
@@ -267,8 +273,7 @@ class AccessLog(Plugin[AccessLogConfig]):
         rec = self.record(ctx)
         for name in self._drop:
             del rec[name]
-        line = json.dumps(rec, separators=(",", ":"), default=str)
-        self._writer.write(line.encode() + b"\n")
+        self._writer.write(_encode(rec))
 
     def flush(self) -> None:
         if self._writer is not None:

@@ -6,9 +6,10 @@ body filter is the last rewrite of the body.
 
 A response is compressed only when all hold: the client accepts gzip (q > 0), the
 upstream set no Content-Encoding, the status has a body (not 1xx/204/206/304, not a
-HEAD request), Cache-Control lacks no-transform, the media type is on the list, and
-Content-Length is unknown or at least `min_size`. Vary: Accept-Encoding is added
-whenever only the client's Accept-Encoding decided, so caches keep both variants.
+HEAD request), the gateway did not make it (its envelopes are tiny), Cache-Control
+lacks no-transform, the media type is on the list, and Content-Length is unknown or
+at least `min_size`. Vary: Accept-Encoding is added whenever only the client's
+Accept-Encoding decided, so caches keep both variants.
 
 Event streams (`stream_types`) are flushed after every chunk: without that zlib
 holds small events back until its buffer fills, and a token stream would stall.
@@ -37,10 +38,26 @@ _NO_BODY = frozenset({204, 206, 304})
 _MEDIA = re.compile(r"^(?:[a-z0-9!#$&^_.+-]+|\*)/(?:[a-z0-9!#$&^_.+-]+|\*(?:\+[a-z0-9.-]+)?)$")
 
 
+# Clients send a handful of distinct Accept-Encoding values (one per browser
+# build), so parsing each once and remembering the verdict saves most of the work.
+_ACCEPT_CACHE: dict[bytes, bool] = {}
+_ACCEPT_CACHE_SIZE = 256
+
+
 def accepts_gzip(value: bytes | None) -> bool:
     """Whether an Accept-Encoding value allows gzip. Malformed entries count as absent."""
     if not value:
         return False
+    verdict = _ACCEPT_CACHE.get(value)
+    if verdict is None:
+        verdict = _parse_accept(value)
+        if len(_ACCEPT_CACHE) >= _ACCEPT_CACHE_SIZE:
+            _ACCEPT_CACHE.clear()
+        _ACCEPT_CACHE[value] = verdict
+    return verdict
+
+
+def _parse_accept(value: bytes) -> bool:
     gzip_q: float | None = None
     star_q: float | None = None
     for part in value.decode("latin-1").lower().split(","):
@@ -169,7 +186,11 @@ class Compression(Plugin[CompressionConfig]):
         return None
 
     def response_headers(self, ctx: RequestContext, head: ResponseHead) -> None:
-        if ctx.method == "HEAD" or head.status < 200 or head.status in _NO_BODY:
+        # Gateway-made answers (error envelopes, preflights) are a few hundred
+        # bytes: not worth a compressor.
+        if head.from_gateway or ctx.method == "HEAD":
+            return
+        if head.status < 200 or head.status in _NO_BODY:
             return
         hdrs = head.headers
         if header_get(hdrs, b"content-encoding") is not None:

@@ -10,6 +10,10 @@ still reaches the upstream and has its side effects. With `strict`, a request th
 carries an Origin not on the list and an unsafe method is refused with 403
 `origin_not_allowed`; safe methods pass, just without CORS headers.
 
+`*` with `credentials: true` echoes the caller's Origin (browsers refuse `*` with
+credentials), which lets every site make credentialed calls: list the origins
+instead unless that is really meant.
+
 Regex entries (prefix `~`) must match the whole origin (unlike Kong, which searches),
 so `~https://.*\\.example\\.com` cannot be satisfied by `https://example.com.evil`.
 """

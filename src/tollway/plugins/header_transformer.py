@@ -28,6 +28,7 @@ from pydantic import AfterValidator, BeforeValidator
 from tollway.gateway.context import (
     Headers,
     RequestContext,
+    Response,
     ResponseHead,
     header_get,
 )
@@ -277,11 +278,12 @@ class RequestTransformer(Plugin[RequestTransformerConfig]):
             c.append.querystring,
         )
 
-    def access(self, ctx: RequestContext) -> None:
+    def access(self, ctx: RequestContext) -> Response | None:
         if not self._headers.empty:
             self._headers.apply(ctx.headers)
         if not self._query.empty:
             ctx.query = self._query.apply(ctx.query)
+        return None
 
 
 @register

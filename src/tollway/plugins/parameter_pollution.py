@@ -57,7 +57,14 @@ class ParameterPollution(Plugin[ParameterPollutionConfig]):
         if b"&" not in query:
             return None
         segments = query.split(b"&")
-        keys = [_key(seg.partition(b"=")[0]) if seg else None for seg in segments]
+        raw_names = [seg.partition(b"=")[0] for seg in segments]
+        if len(set(raw_names)) == len(raw_names):
+            # Distinct raw names are distinct names unless encoding could make two
+            # equal; only then is decoding needed.
+            joined = b"&".join(raw_names)
+            if b"%" not in joined and b"+" not in joined:
+                return None
+        keys = [_key(name) if seg else None for seg, name in zip(segments, raw_names, strict=True)]
         named = [k for k in keys if k is not None]
         if len(set(named)) == len(named):
             return None

@@ -17,7 +17,7 @@ import secrets
 
 from pydantic import Field, field_validator
 
-from tollway.gateway.context import RequestContext, ResponseHead, header_set
+from tollway.gateway.context import RequestContext, Response, ResponseHead, header_set
 from tollway.plugins.base import Plugin, PluginConfig, register
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -94,10 +94,17 @@ class RequestId(Plugin[RequestIdConfig]):
             return None
         return value
 
-    def access(self, ctx: RequestContext) -> None:
-        request_id = self._accept(ctx.header(self._header)) or new_request_id()
+    def access(self, ctx: RequestContext) -> Response | None:
+        raw = ctx.header(self._header)
+        if raw is None:
+            # Nothing to replace: skip header_set's rebuild of the header list.
+            request_id = new_request_id()
+            ctx.headers.append((self._header, request_id.encode("ascii")))
+        else:
+            request_id = self._accept(raw) or new_request_id()
+            header_set(ctx.headers, self._header, request_id.encode("ascii"))
         ctx.request_id = request_id
-        header_set(ctx.headers, self._header, request_id.encode("ascii"))
+        return None
 
     def response_headers(self, ctx: RequestContext, head: ResponseHead) -> None:
         if self.config.echo_downstream and ctx.request_id is not None:

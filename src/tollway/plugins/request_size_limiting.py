@@ -7,8 +7,8 @@ Kong runs its equivalent at 951, after auth; DESIGN.md puts the size limit befor
 A declared Content-Length over the limit is refused at once with 413
 `payload_too_large`. A body without one (chunked) cannot be judged up front, so the
 plugin lowers `ctx.max_body_size` and the server answers 413 as soon as the
-streamed body crosses it. `ctx.max_body_size` may only be lowered; 0 there means
-the server set no limit.
+streamed body crosses it. `ctx.max_body_size` is only ever lowered, never raised
+above the server's own limit.
 
 `require_content_length: true` refuses chunked bodies with 411 `length_required`
 (a request with neither Content-Length nor chunked framing has no body and passes).
@@ -62,6 +62,5 @@ class RequestSizeLimiting(Plugin[RequestSizeLimitingConfig]):
                 "A Content-Length header is required",
                 status=411,
             )
-        if ctx.max_body_size <= 0 or limit < ctx.max_body_size:
-            ctx.max_body_size = limit
+        ctx.max_body_size = min(ctx.max_body_size, limit)
         return None

@@ -25,7 +25,7 @@ class ConnectionOwner(Protocol):
 
     def upstream_head(
         self, status: int, reason: bytes, headers: Headers, content_length: int | None,
-        chunked: bool,
+        chunked: bool, connection: bytes | None,
     ) -> None: ...
 
     def upstream_body(self, data: bytes) -> None: ...
@@ -35,6 +35,8 @@ class ConnectionOwner(Protocol):
     def upstream_failed(self, exc: UpstreamError) -> None: ...
 
     def upstream_writable(self, writable: bool) -> None: ...
+
+    def flush_output(self) -> None: ...
 
     def upstream_upgraded(self, tail: bytes) -> None: ...
 
@@ -137,6 +139,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
+            if self.owner is owner:
+                owner.flush_output()
         except httptools.HttpParserUpgrade as exc:
             offset = exc.args[0] if exc.args else len(data)
             self.relay = True
@@ -190,19 +194,21 @@ class UpstreamConnection(asyncio.Protocol):
             self._reason = b""
             return
         headers = self._headers
-        content_length = None
+        content_length = connection = None
         chunked = False
         for name, value in headers:
             if name == b"content-length":
                 content_length = int(value)
             elif name == b"transfer-encoding":
                 chunked = value.lower().rstrip().endswith(b"chunked")
+            elif name == b"connection":
+                connection = value if connection is None else connection + b"," + value
         self._content_length = content_length
         self._chunked = chunked
         self._responding = True
         owner = self.owner
         assert owner is not None
-        owner.upstream_head(status, self._reason, headers, content_length, chunked)
+        owner.upstream_head(status, self._reason, headers, content_length, chunked, connection)
         if self._head_only and self.owner is owner and status != 101:
             # httptools cannot be told a response answers HEAD, so it would wait for
             # Content-Length bytes that never come: finish here and retire the
@@ -220,6 +226,10 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._informational:
             self._informational = False
+            return
+        if self.relay:
+            # llhttp completes a 101 response before it reports the upgrade: the
+            # connection now belongs to the relay, not back to the pool.
             return
         owner, self.owner = self.owner, None
         self._responding = False

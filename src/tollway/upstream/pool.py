@@ -39,9 +39,9 @@ class ConnectionPool:
                 return conn
         return None
 
-    async def connect(self, timeout: float) -> UpstreamConnection:
+    async def connect(self, connect_timeout: float) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + connect_timeout
         limit = self.config.max_per_host
         while limit and self.open >= limit:
             conn = self.acquire_nowait()
@@ -53,7 +53,7 @@ class ConnectionPool:
                 await asyncio.wait_for(waiter, max(deadline - loop.time(), 0))
             except TimeoutError as exc:
                 raise PoolExhausted(
-                    f"{self.target.key}: {limit} connections busy for {timeout:.1f}s"
+                    f"{self.target.key}: {limit} connections busy for {connect_timeout:.1f}s"
                 ) from exc
             finally:
                 with contextlib.suppress(ValueError):

@@ -21,17 +21,18 @@ class Target:
     # Unix socket path for internal upstreams; host/port are then nominal.
     unix_path: str | None = None
 
-    @property
-    def key(self) -> str:
-        return self.unix_path or f"{self.host}:{self.port}"
+    # Derived once: both are read on every request.
+    key: str = field(init=False, compare=False)
+    # The Host header value for this target.
+    authority: bytes = field(init=False, compare=False)
 
-    @property
-    def authority(self) -> bytes:
-        """The Host header value for this target."""
-        if self.unix_path:
-            return b"localhost"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", self.unix_path or f"{self.host}:{self.port}")
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return (host if self.port == 80 else f"{host}:{self.port}").encode()
+        authority = "localhost" if self.unix_path else (
+            host if self.port == 80 else f"{host}:{self.port}"
+        )
+        object.__setattr__(self, "authority", authority.encode())
 
 
 @dataclass(eq=False, slots=True)

@@ -1,0 +1,122 @@
+"""Start Tollway for a test: in-process on free ports, or as a real subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+from tollway.gateway.app import Gateway
+from tollway.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(
+    tmp_path: Path, config_yaml: str, **settings: Any
+) -> AsyncIterator[Gateway]:
+    """An in-process gateway (same event loop as the test) on free loopback ports."""
+    config = tmp_path / "tollway.yaml"
+    config.write_text(config_yaml)
+    values: dict[str, Any] = {
+        "config": config,
+        "host": "127.0.0.1",
+        "port": 0,
+        "admin_host": "127.0.0.1",
+        "admin_port": 0,
+        "data_dir": tmp_path / "data",
+        "reload_poll_interval": 0.05,
+        "shutdown_timeout": 5.0,
+    }
+    values.update(settings)
+    gateway = Gateway(Settings(**values))
+    await gateway.start()
+    try:
+        yield gateway
+    finally:
+        await gateway.stop()
+
+
+class GatewayProcess:
+    """`tollway serve` in a child process; ended only by its own pid."""
+
+    def __init__(self, config: Path, env: dict[str, str] | None = None, workers: int = 1,
+                 data_dir: Path | None = None) -> None:
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.config = config
+        self.env = {**os.environ, **(env or {})}
+        self.env.update(
+            TOLLWAY_LOG_LEVEL=self.env.get("TOLLWAY_LOG_LEVEL", "warning"),
+            TOLLWAY_DATA_DIR=str(data_dir or config.parent / "data"),
+            TOLLWAY_RELOAD_POLL_INTERVAL="0.1",
+        )
+        self.workers = workers
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> GatewayProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tollway", "serve", "--config", str(self.config),
+             "--host", "127.0.0.1", "--port", str(self.port),
+             "--admin-host", "127.0.0.1", "--admin-port", str(self.admin_port),
+             "--workers", str(self.workers)],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {self.stderr()}")
+            with contextlib.suppress(OSError), socket.create_connection(
+                ("127.0.0.1", self.admin_port), timeout=0.2
+            ), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return self
+            time.sleep(0.05)  # polling for the port to open; nothing to wait on
+        self.kill()
+        raise RuntimeError("gateway did not start in time")
+
+    def stderr(self) -> str:
+        if self.proc is None or self.proc.stderr is None:
+            return ""
+        with contextlib.suppress(Exception):
+            return self.proc.stderr.read().decode(errors="replace")[-4000:]
+        return ""
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+    def __enter__(self) -> GatewayProcess:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.wait(10)
+        self.kill()
+
+
+@contextlib.contextmanager
+def gateway_process(config: Path, **kwargs: Any) -> Iterator[GatewayProcess]:
+    with GatewayProcess(config, **kwargs) as proc:
+        yield proc
