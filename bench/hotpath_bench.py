@@ -10,7 +10,6 @@ plugins, header rewriting, framing), which wrk figures mix with kernel time.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import cProfile
 import pstats
 import statistics

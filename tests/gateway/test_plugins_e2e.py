@@ -461,3 +461,27 @@ plugins:
             assert resp.status == 200
             assert resp.header("x-frame-options") == "SAMEORIGIN"
             assert [r.target for r in up.requests] == ["/pub/x"]
+
+
+async def test_client_cannot_strip_a_plugin_header_by_naming_it_in_connection(
+    tmp_path: Path,
+) -> None:
+    """Headers named in Connection are the client's hop-by-hop ones: dropped from what
+    the client sent, never from what a plugin sets for the upstream."""
+    plugins = """
+  - name: request-transformer
+    config:
+      add: {headers: ["x-gateway-verified:yes"]}
+"""
+    async with RecordingUpstream() as up, running_gateway(
+        tmp_path, config_for(up.url, plugins)
+    ) as gw:
+        resp = await one(
+            gw.port,
+            get(headers="Connection: keep-alive, x-gateway-verified, x-hop\r\n"
+                "X-Gateway-Verified: forged\r\nX-Hop: 1\r\n"),
+        )
+        assert resp.status == 200
+        req = up.requests[0]
+        assert req.header_all("x-gateway-verified") == ["yes"]
+        assert req.header("x-hop") is None

@@ -41,11 +41,13 @@ async def test_unknown_route_gets_envelope(tmp_path: Path) -> None:
         (resp,) = parse_responses(raw)
         assert resp.status == 404
         body = resp.json()
+        assert isinstance(body, dict)
+        request_id = body.pop("requestId")
+        assert isinstance(request_id, str) and len(request_id) == 32
         assert body == {
             "responseStatus": "error",
             "message": "No route matches this request",
             "data": None,
             "error": {"code": "route_not_found", "details": None},
-            "requestId": None,
         }
         assert upstream.requests == []

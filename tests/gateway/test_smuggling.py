@@ -67,9 +67,12 @@ routes:
 
 @contextlib.asynccontextmanager
 async def gateway(tmp_path: Path) -> AsyncIterator[Setup]:
-    async with RecordingUpstream() as victim, RecordingUpstream() as sentinel:
-        async with running_gateway(tmp_path, config_for(victim, sentinel)) as gw:
-            yield Setup(gw.port, victim, sentinel)
+    async with (
+        RecordingUpstream() as victim,
+        RecordingUpstream() as sentinel,
+        running_gateway(tmp_path, config_for(victim, sentinel)) as gw,
+    ):
+        yield Setup(gw.port, victim, sentinel)
 
 
 async def send_raw(port: int, data: bytes) -> tuple[bytes, bool]:
@@ -112,7 +115,7 @@ async def flush_through_sentinel(setup: Setup) -> None:
 
 def assert_envelope(resp: Parsed, status: int, code: str) -> None:
     assert resp.status == status, resp.body
-    assert resp.header("content-type", ) is not None
+    assert resp.header("content-type") == "application/json; charset=utf-8"
     body = resp.json()
     assert isinstance(body, dict)
     assert body["responseStatus"] == "error"

@@ -190,9 +190,10 @@ async def test_stall_mid_body_cuts_the_client_connection(tmp_path: Path) -> None
                     got += data
             assert got.startswith(b"HTTP/1.1 200 ")
             try:
-                assert await closed_by_server(reader, timeout=3.0)
+                closed = await closed_by_server(reader, timeout=3.0)
             except ConnectionResetError:
-                pass  # an abort may reach the client as a reset: closed all the same
+                closed = True  # an abort may reach the client as a reset
+            assert closed
             elapsed = time.monotonic() - start
             assert 0.45 <= elapsed < 3.0, elapsed
         finally:
@@ -437,3 +438,19 @@ async def test_connection_not_reused_after_client_left_mid_response(tmp_path: Pa
         assert resp.status == 200
         assert b"bbbb" not in raw
         assert up.connections == 2
+
+
+async def test_connection_not_reused_after_upstream_says_close(tmp_path: Path) -> None:
+    async def handler(req: Received, reply: Reply) -> None:
+        # Says close but leaves the socket open: only the header tells the gateway.
+        reply.send(200, [("connection", "close")], b"bye")
+
+    async with RecordingUpstream(handler) as up, running_gateway(
+        tmp_path, config_for(up.url)
+    ) as gw:
+        for _ in range(2):
+            raw = await exchange_raw(gw.port, GET, expect=1)
+            (resp,) = parse_responses(raw)
+            assert resp.status == 200 and resp.body == b"bye"
+        assert up.connections == 2
+        assert len(up.requests) == 2

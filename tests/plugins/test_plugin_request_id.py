@@ -8,7 +8,8 @@ from plugin_helpers import build_ctx as make_ctx
 from plugin_helpers import head
 from pydantic import ValidationError
 
-from tollway.plugins.request_id import RequestId, RequestIdConfig, new_request_id
+from tollway.gateway.ids import new_request_id
+from tollway.plugins.request_id import RequestId, RequestIdConfig
 
 
 def plugin(**cfg: object) -> RequestId:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 
 import httptools
@@ -53,10 +54,9 @@ class _Collector:
 def parse_responses(data: bytes, head_requests: int = 0) -> list[Parsed]:
     """Every complete response in `data`, in order (bodies de-chunked)."""
     collector = _Collector()
-    try:
+    # A trailing partial or malformed response ends the list; the complete ones stay.
+    with contextlib.suppress(httptools.HttpParserError):
         collector.parser.feed_data(data)
-    except httptools.HttpParserError:
-        pass
     return collector.responses
 
 

@@ -57,13 +57,15 @@ class GatewayProcess:
         self.port = free_port()
         self.admin_port = free_port()
         self.config = config
-        self.env = {**os.environ, **(env or {})}
-        self.env.update(
-            TOLLWAY_LOG_LEVEL=self.env.get("TOLLWAY_LOG_LEVEL", "warning"),
-            TOLLWAY_DATA_DIR=str(data_dir or config.parent / "data"),
-            TOLLWAY_RELOAD_POLL_INTERVAL="0.1",
-        )
+        defaults = {
+            "TOLLWAY_LOG_LEVEL": "warning",
+            "TOLLWAY_DATA_DIR": str(data_dir or config.parent / "data"),
+            "TOLLWAY_RELOAD_POLL_INTERVAL": "0.1",
+        }
+        self.env = {**os.environ, **defaults, **(env or {})}
         self.workers = workers
+        self.log_path = config.parent / f"gateway-{self.port}.log"
+        self._log = self.log_path.open("wb")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> GatewayProcess:
@@ -72,7 +74,9 @@ class GatewayProcess:
              "--host", "127.0.0.1", "--port", str(self.port),
              "--admin-host", "127.0.0.1", "--admin-port", str(self.admin_port),
              "--workers", str(self.workers)],
-            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            # A file, not a pipe: nobody reads a pipe while the test runs, and a
+            # full pipe would block the gateway's logging.
+            env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -87,11 +91,9 @@ class GatewayProcess:
         raise RuntimeError("gateway did not start in time")
 
     def stderr(self) -> str:
-        if self.proc is None or self.proc.stderr is None:
-            return ""
-        with contextlib.suppress(Exception):
-            return self.proc.stderr.read().decode(errors="replace")[-4000:]
-        return ""
+        """The last lines the process wrote (stdout and stderr)."""
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
 
     def terminate(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -114,6 +116,7 @@ class GatewayProcess:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.wait(10)
         self.kill()
+        self._log.close()
 
 
 @contextlib.contextmanager

@@ -142,6 +142,8 @@ class Exchange:
         if self.preset is not None:
             self.respond(self.preset)
             return
+        if self.connection is not None:
+            self._drop_named_headers()
         try:
             match = self.snapshot.router.match(ctx.method, ctx.host, ctx.path, ctx.headers)
             if match is not None:
@@ -166,6 +168,17 @@ class Exchange:
         except Exception:  # the request boundary: a bug answers 500, never hangs
             log.exception("request failed", request_id=ctx.request_id)
             self.respond(Response.error("internal_error", ctx.request_id))
+
+    def _drop_named_headers(self) -> None:
+        # What the client's Connection names is for this hop only: dropped from the
+        # client's headers before routing and plugins, not when the upstream head is
+        # written, so that a client cannot strip a header a plugin sets.
+        base = _UPSTREAM_HOPS.base
+        drop = _UPSTREAM_HOPS.drop(self.connection)
+        self.connection = None
+        if drop is not base:
+            named = drop - base
+            self.ctx.headers[:] = [(k, v) for k, v in self.ctx.headers if k not in named]
 
     async def _await_access(self, pending: Awaitable[Response | None]) -> None:
         ctx = self.ctx
@@ -267,7 +280,7 @@ class Exchange:
         if ctx.query:
             parts += (b"?", ctx.query)
         parts += (b" HTTP/1.1\r\nhost: ", host, b"\r\n")
-        drop = _UPSTREAM_HOPS.drop(self.connection)
+        drop = _UPSTREAM_HOPS.base  # what Connection named is gone already (start)
         for name, value in ctx.headers:
             if name not in drop:
                 parts += (name, b": ", value, b"\r\n")

@@ -29,6 +29,7 @@ from tollway.gateway.http11 import (
     scan_request_headers,
     split_target,
 )
+from tollway.gateway.ids import new_request_id
 
 if TYPE_CHECKING:
     from tollway.gateway.dataplane import DataPlane
@@ -223,7 +224,7 @@ class ClientConnection(asyncio.Protocol):
         ):
             # Queued behind other requests: only the first in the queue writes, so
             # the refusal waits for its turn.
-            exchange.preset = Response.error("payload_too_large", None)
+            exchange.preset = Response.error("payload_too_large", exchange.ctx.request_id)
             self._stop_reading()
             raise _Stop
         exchange.request_body(body)
@@ -254,7 +255,7 @@ class ClientConnection(asyncio.Protocol):
         ctx = RequestContext(
             method=method, path="/", query=b"", http_version=version, headers=headers,
             peer_ip=self.peer_ip, client_ip=self.peer_ip, host="",
-            max_body_size=settings.max_body_size,
+            max_body_size=settings.max_body_size, request_id=new_request_id(),
         )
         upgrade = is_upgrade(headers) if parser.should_upgrade() else None
         expect = False
@@ -288,13 +289,15 @@ class ClientConnection(asyncio.Protocol):
                 expect = version == "1.1"
         except RequestRejected as exc:
             exchange = Exchange(self, ctx, False, snapshot, None, False)
-            exchange.preset = Response.error(exc.code, None, exc.message, status=exc.status)
+            exchange.preset = Response.error(
+                exc.code, ctx.request_id, exc.message, status=exc.status
+            )
             self._stop_reading()
             return exchange
         if ctx.content_length is not None and ctx.content_length > ctx.max_body_size:
             # Refuse before the body arrives: no reason to read a body we will drop.
             exchange = Exchange(self, ctx, False, snapshot, None, False)
-            exchange.preset = Response.error("payload_too_large", None)
+            exchange.preset = Response.error("payload_too_large", ctx.request_id)
             self._stop_reading()
             return exchange
         exchange = Exchange(self, ctx, parser.should_keep_alive(), snapshot, upgrade, expect)
@@ -371,11 +374,11 @@ class ClientConnection(asyncio.Protocol):
         self._stop_reading()
         ctx = RequestContext(
             method="GET", path="/", query=b"", http_version="1.1", headers=[],
-            peer_ip=self.peer_ip, client_ip=self.peer_ip, host="",
+            peer_ip=self.peer_ip, client_ip=self.peer_ip, host="", request_id=new_request_id(),
         )
         exchange = Exchange(self, ctx, False, self.plane.snapshot, None, False)
         exchange.request_done = True
-        exchange.preset = Response.error(code, None, message)
+        exchange.preset = Response.error(code, ctx.request_id, message)
         self.queue.append(exchange)
         if len(self.queue) == 1:
             exchange.start()

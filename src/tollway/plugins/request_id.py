@@ -4,45 +4,24 @@ Priority 100001, the highest of the bundled plugins (Kong's correlation-id uses 
 same figure), so that every later plugin's error envelope and log line carries the
 id, and the echo header is on the response before anything reads it.
 
-A client-supplied id is kept only when it matches `pattern`: the id ends up in log
-lines, upstream headers and error bodies, so free-form client input is not trusted.
+The server mints an id for every request (gateway/ids.py), so that even errors
+before any plugin carry one; this plugin forwards it upstream, echoes it, and lets
+a client's own id replace it. A client-supplied id is kept only when it matches
+`pattern`: the id ends up in log lines, upstream headers and error bodies, so
+free-form client input is not trusted.
 """
 
 from __future__ import annotations
 
-import itertools
-import os
 import re
-import secrets
 
 from pydantic import Field, field_validator
 
 from tollway.gateway.context import RequestContext, Response, ResponseHead, header_set
+from tollway.gateway.ids import new_request_id
 from tollway.plugins.base import Plugin, PluginConfig, register
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-
-# A random per-process prefix plus a counter costs a fraction of uuid4() and stays
-# unique across workers: 80 random bits per process make a prefix collision
-# between workers negligible, and the prefix is redrawn in every forked child.
-_prefix = ""
-_counter = itertools.count()
-
-
-def _reseed() -> None:
-    global _prefix, _counter
-    _prefix = secrets.token_hex(10)
-    _counter = itertools.count()
-
-
-_reseed()
-os.register_at_fork(after_in_child=_reseed)
-
-
-def new_request_id() -> str:
-    """A fresh id: 32 lower-case hex characters, unique across processes."""
-    return f"{_prefix}{next(_counter) & 0xFFFFFFFFFFFF:012x}"
-
 
 class RequestIdConfig(PluginConfig):
     header_name: str = Field(default="X-Request-ID", description="header read and written")
@@ -96,12 +75,12 @@ class RequestId(Plugin[RequestIdConfig]):
 
     def access(self, ctx: RequestContext) -> Response | None:
         raw = ctx.header(self._header)
+        request_id = ctx.request_id or new_request_id()
         if raw is None:
             # Nothing to replace: skip header_set's rebuild of the header list.
-            request_id = new_request_id()
             ctx.headers.append((self._header, request_id.encode("ascii")))
         else:
-            request_id = self._accept(raw) or new_request_id()
+            request_id = self._accept(raw) or request_id
             header_set(ctx.headers, self._header, request_id.encode("ascii"))
         ctx.request_id = request_id
         return None

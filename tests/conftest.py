@@ -1,0 +1,26 @@
+"""Suite-wide rules.
+
+In CI (CI=true) a test marked needs_postgres or needs_redis must fail when the
+service is missing, never skip: a green CI must mean those tests ran.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+SERVICE_MARKERS = ("needs_postgres", "needs_redis")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    if (
+        os.environ.get("CI") == "true"
+        and report.skipped
+        and any(item.get_closest_marker(m) for m in SERVICE_MARKERS)
+    ):
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid}: skipped in CI, but its service must be there"

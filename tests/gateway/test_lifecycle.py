@@ -1,0 +1,238 @@
+"""Process lifecycle: graceful SIGTERM, hot reload under load, SIGHUP, workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from support.gateway import GatewayProcess, running_gateway
+from support.upstream import Received, RecordingUpstream, Reply
+
+
+def route_config(upstream: RecordingUpstream, tag: str = "a") -> str:
+    return f"""
+services:
+  - name: up
+    url: {upstream.url}
+routes:
+  - name: api
+    service: up
+    paths: [/api]
+plugins:
+  - name: response-transformer
+    config:
+      add:
+        headers: ["x-config: {tag}"]
+"""
+
+
+async def wait_until(condition, timeout: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    """Poll a cheap condition with a deadline; fail with `what` when it never holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class Gate:
+    """An upstream handler that holds every request until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+
+    async def __call__(self, req: Received, reply: Reply) -> None:
+        await req.complete.wait()
+        await self.open.wait()
+        reply.send(200, [("content-type", "text/plain")], req.target.encode())
+
+
+async def test_sigterm_finishes_in_flight_requests(tmp_path: Path) -> None:
+    gate = Gate()
+    async with RecordingUpstream(gate) as upstream:
+        config = tmp_path / "tollway.yaml"
+        config.write_text(route_config(upstream))
+        with GatewayProcess(config, env={"TOLLWAY_SHUTDOWN_TIMEOUT": "20"}) as gw:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.port}") as client:
+                pending = [
+                    asyncio.create_task(client.get(f"/api/{i}", timeout=30)) for i in range(10)
+                ]
+                await wait_until(lambda: len(upstream.requests) == 10, what="10 requests upstream")
+                gw.terminate()
+                # Stop accepting: a new connection is refused while the 10 still run.
+                await wait_until(lambda: not _accepts(gw.port), what="listener closed")
+                gate.open.set()
+                responses = await asyncio.gather(*pending)
+            assert [r.status_code for r in responses] == [200] * 10
+            assert sorted(r.text for r in responses) == sorted(f"/{i}" for i in range(10))
+            assert await asyncio.to_thread(gw.wait, 20) == 0
+
+
+async def test_sigterm_cuts_requests_past_the_deadline(tmp_path: Path) -> None:
+    gate = Gate()  # never opened: the request outlives the shutdown deadline
+    async with RecordingUpstream(gate) as upstream:
+        config = tmp_path / "tollway.yaml"
+        config.write_text(route_config(upstream))
+        with GatewayProcess(config, env={"TOLLWAY_SHUTDOWN_TIMEOUT": "1"}) as gw:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.port}") as client:
+                pending = asyncio.create_task(client.get("/api/stuck", timeout=30))
+                await wait_until(lambda: len(upstream.requests) == 1, what="request upstream")
+                gw.terminate()
+                assert await asyncio.to_thread(gw.wait, 15) == 0
+                with pytest.raises(httpx.HTTPError):
+                    await pending
+
+
+def _accepts(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+async def test_hot_reload_under_load_fails_no_request(tmp_path: Path) -> None:
+    async with RecordingUpstream() as upstream, running_gateway(
+        tmp_path, route_config(upstream, "v0")
+    ) as gw:
+        config = tmp_path / "tollway.yaml"
+        seen: set[str] = set()
+        failures: list[str] = []
+        stop = asyncio.Event()
+        sent = 0
+
+        async def load() -> None:
+            nonlocal sent
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.port}") as client:
+                while not stop.is_set():
+                    try:
+                        r = await client.get("/api/x", timeout=10)
+                    except httpx.HTTPError as exc:
+                        failures.append(repr(exc))
+                        continue
+                    sent += 1
+                    if r.status_code != 200:
+                        failures.append(f"{r.status_code} {r.text}")
+                    seen.add(r.headers.get("x-config", ""))
+
+        clients = [asyncio.create_task(load()) for _ in range(4)]
+        for i in range(1, 21):
+            text = route_config(upstream, f"v{i}")
+            if i % 2:
+                config.write_text(text)  # in place
+            else:
+                tmp = config.with_suffix(".tmp")
+                tmp.write_text(text)
+                os.replace(tmp, config)  # atomic rename, as config management does
+            await wait_until(lambda i=i: gw.reloads >= i, what=f"reload {i}")
+            before = sent
+            await wait_until(lambda before=before: sent > before + 5, what="traffic after reload")
+        stop.set()
+        await asyncio.gather(*clients)
+        assert failures == []
+        assert gw.reloads == 20
+        assert "v20" in seen and len(seen) > 5  # requests really ran on many snapshots
+
+
+async def test_bad_reload_is_refused_and_old_config_keeps_serving(tmp_path: Path) -> None:
+    async with RecordingUpstream() as upstream, running_gateway(
+        tmp_path, route_config(upstream, "good")
+    ) as gw:
+        config = tmp_path / "tollway.yaml"
+        generation = gw.snapshot.generation if gw.snapshot else 0
+        config.write_text(route_config(upstream, "bad") + "\nroutes_typo: [1]\n")
+        await wait_until(lambda: gw.watcher is not None and gw.watcher.changes >= 1,
+                         what="the watcher to see the bad file")
+        assert gw.reloads == 0
+        assert gw.snapshot is not None and gw.snapshot.generation == generation
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.port}") as client:
+            r = await client.get("/api/x")
+            assert r.status_code == 200 and r.headers["x-config"] == "good"
+            config.write_text(route_config(upstream, "fixed"))
+            await wait_until(lambda: gw.reloads == 1, what="the fixed file to load")
+            r = await client.get("/api/x")
+            assert r.headers["x-config"] == "fixed"
+
+
+async def test_sighup_reloads_a_running_process(tmp_path: Path) -> None:
+    async with RecordingUpstream() as upstream:
+        config = tmp_path / "tollway.yaml"
+        config.write_text(route_config(upstream, "one"))
+        # Polling off: only the signal can make it reload.
+        with GatewayProcess(config, env={"TOLLWAY_RELOAD_POLL_INTERVAL": "0"}) as gw:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.port}") as client:
+                assert (await client.get("/api/x")).headers["x-config"] == "one"
+                config.write_text(route_config(upstream, "two"))
+                assert gw.proc is not None
+                os.kill(gw.proc.pid, signal.SIGHUP)
+
+                async def reloaded() -> bool:
+                    r = await client.get("/api/x")
+                    return r.headers["x-config"] == "two"
+
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 10
+                while not await reloaded():
+                    assert loop.time() < deadline, "SIGHUP did not reload"
+                    await asyncio.sleep(0.05)
+
+
+async def test_workers_share_the_port_and_metrics_add_up(tmp_path: Path) -> None:
+    async with RecordingUpstream() as upstream:
+        config = tmp_path / "tollway.yaml"
+        config.write_text(route_config(upstream))
+        with GatewayProcess(config, workers=2) as gw:
+            total = 200
+            # New connections each time so that SO_REUSEPORT spreads them.
+            for _ in range(total // 20):
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.port}") as c:
+                    rs = await asyncio.gather(*(c.get("/api/x") for _ in range(20)))
+                    assert all(r.status_code == 200 for r in rs)
+
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{gw.admin_port}"
+            ) as admin:
+
+                async def counted() -> float:
+                    text = (await admin.get("/metrics")).text
+                    return sum(
+                        float(m.group(1))
+                        for m in re.finditer(
+                            r'^tollway_requests_total\{[^}]*route="api"[^}]*\} (\S+)$',
+                            text, re.M,
+                        )
+                    )
+
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 10
+                while (n := await counted()) < total:
+                    assert loop.time() < deadline, f"metrics show {n} of {total} requests"
+                    await asyncio.sleep(0.1)
+                assert n == total
+            # Both workers served: each wrote its own counter file (multiprocess mode).
+            assert gw.proc is not None
+            children = _children(gw.proc.pid)
+            assert len(children) == 2
+            metrics_dir = tmp_path / "data" / "metrics"
+            assert all((metrics_dir / f"counter_{pid}.db").exists() for pid in children)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
