@@ -90,7 +90,12 @@ class ClientConnection(asyncio.Protocol):
         self._upgrade_buf: list[bytes] = []
         self._url = b""
         self._headers: Headers = []
+        # Bytes of packets wholly inside the current head (a backstop for a field
+        # still held by the parser), exact bytes of its complete header lines, and
+        # how many messages began (to tell whether a packet started a new head).
         self._head_bytes = 0
+        self._head_size = 0
+        self._begun = 0
         self._in_head = False
         self._in_body = False
         self._linger = False
@@ -129,13 +134,16 @@ class ClientConnection(asyncio.Protocol):
                 if len(self.queue[-1].upgrade_tail) > BODY_BUFFER:
                     self.pause_reading(self.PAUSE_STOPPED)
             return
-        if not self._in_body:
-            self._head_bytes += len(data)
-            if self._head_bytes > self.settings.max_header_bytes + self.settings.max_uri_length:
-                self._refuse("headers_too_large")
-                return
+        in_head, begun = self._in_head, self._begun
         try:
             self.parser.feed_data(data)
+            if self._in_head and in_head and self._begun == begun:
+                # Still inside the head this packet continued: all of it is head.
+                self._head_bytes += len(data)
+                if self._head_bytes > (
+                    self.settings.max_header_bytes + self.settings.max_uri_length
+                ):
+                    self._refuse("headers_too_large")
         except httptools.HttpParserUpgrade as exc:
             offset = exc.args[0] if exc.args else len(data)
             self._upgraded(data[offset:])
@@ -156,6 +164,12 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         # A half-closed client may still want its responses (pipelined then FIN).
         self._eof = True
+        if not self._stopped and (
+            self._in_head or (self.parsing is not None and self.parsing.body_pending)
+        ):
+            # But a request cut short can never complete: refuse it (this aborts its
+            # upstream request) instead of holding everything until a timeout.
+            self._refuse("bad_request", "Incomplete request")
         return bool(self.queue)
 
     def pause_writing(self) -> None:
@@ -183,6 +197,9 @@ class ClientConnection(asyncio.Protocol):
         if self._stopped:
             # The rest of a packet after a refused request is never parsed.
             raise _Stop
+        self._begun += 1
+        self._head_bytes = 0
+        self._head_size = 0
         self._url = b""
         self._headers = []
         self._in_head = True
@@ -200,6 +217,9 @@ class ClientConnection(asyncio.Protocol):
         headers = self._headers
         if len(headers) >= self.settings.max_header_count:
             raise _Refuse("headers_too_large", "Too many request headers")
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self.settings.max_header_bytes:
+            raise _Refuse("headers_too_large")
         headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
@@ -318,7 +338,7 @@ class ClientConnection(asyncio.Protocol):
         if self.relay is exchange:
             self.relay = None
         if exchange.close_after or self.plane.draining:
-            if exchange is self.parsing and exchange.body_pending:
+            if exchange is self.parsing and exchange.body_pending and not self._eof:
                 # The client is still sending this request's body: read and drop it
                 # for a moment, so that closing does not reset the connection under
                 # the response we just wrote (lingering close).
