@@ -236,3 +236,32 @@ def _children(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             found.append(int(stat.parent.name))
     return found
+
+
+async def test_health_detailed_reports_each_upstream(tmp_path: Path) -> None:
+    async with RecordingUpstream() as upstream:
+        dead = RecordingUpstream()
+        await dead.start()
+        dead_url = dead.url
+        await dead.stop()  # a port where nothing listens now
+        config = f"""
+services:
+  - name: up
+    url: {upstream.url}
+  - name: down
+    url: {dead_url}
+routes:
+  - name: api
+    service: up
+    paths: [/api]
+"""
+        async with running_gateway(tmp_path, config) as gw, httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{gw.admin_port}"
+        ) as admin:
+            detailed = (await admin.get("/health/detailed")).json()
+            services = detailed["checks"]["upstreams"]["details"]["services"]
+            assert services["up"][f"127.0.0.1:{upstream.port}"]["status"] == "up"
+            assert services["up"][f"127.0.0.1:{upstream.port}"]["latency_ms"] >= 0
+            assert services["down"][dead_url.removeprefix("http://")]["status"] == "down"
+            ready = await admin.get("/health/ready")
+            assert ready.status_code == 200  # an upstream down does not unready the node

@@ -62,6 +62,10 @@ routes:
   - name: sentinel
     service: sentinel
     hosts: [sentinel.test]
+  - name: preserved
+    service: victim
+    hosts: [preserved.test]
+    preserve_host: true
 """
 
 
@@ -390,3 +394,17 @@ async def test_absolute_form_authority_wins_over_host(tmp_path: Path) -> None:
         assert resp.status == 200
         assert [r.target for r in setup.victim.requests] == ["/api/x?q=1"]
         assert [r.target for r in setup.sentinel.requests] == ["/routed"]
+
+
+async def test_absolute_form_authority_is_the_host_the_upstream_sees(tmp_path: Path) -> None:
+    """RFC 9112 §3.2.2: a proxy generates Host from the absolute-form target."""
+    async with gateway(tmp_path) as setup:
+        data = b"GET http://preserved.test/p HTTP/1.1\r\nHost: h\r\n\r\n"
+        raw = await exchange_raw(setup.port, data, expect=1)
+        (resp,) = parse_responses(raw)
+        assert resp.status == 200
+        (req,) = setup.victim.requests
+        assert req.target == "/p"
+        assert req.header_all("host") == ["preserved.test"]
+        assert req.header("x-forwarded-host") == "preserved.test"
+        assert "host=preserved.test" in (req.header("forwarded") or "")

@@ -33,6 +33,7 @@ from tollway.observability import metrics as metrics_mod
 from tollway.observability.health import HealthRegistry
 from tollway.observability.logging import configure_logging
 from tollway.settings import Settings
+from tollway.upstream.probe import probe_services
 
 log = structlog.get_logger("tollway.app")
 
@@ -82,7 +83,9 @@ class Gateway:
             self.port = await self.plane.listen(
                 self.settings.host, self.settings.port, self.reuse_port
             )
-            self.health.add_check("upstreams", self._upstream_health, required=False)
+        # Not required for readiness: one upstream down must not take the gateway
+        # out of its load balancer.
+        self.health.add_check("upstreams", self._upstream_health, required=False)
         self.metrics.start_flusher(loop)
         if self.serve_admin:
             state = AdminState(
@@ -114,14 +117,17 @@ class Gateway:
         return info
 
     async def _upstream_health(self) -> dict[str, Any]:
-        if self.plane is None:
+        """Every target of every service: reachable now, connect latency, pool use."""
+        snapshot = self.snapshot
+        if snapshot is None:
             return {}
-        return {
-            "pools": {
+        report: dict[str, Any] = {"services": await probe_services(snapshot.services)}
+        if self.plane is not None:
+            report["pools"] = {
                 key: {"idle": idle, "in_use": in_use}
                 for key, (idle, in_use) in self.plane.pools.stats().items()
             }
-        }
+        return report
 
     def _on_config_change(self) -> None:
         self.reload()

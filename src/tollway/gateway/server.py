@@ -295,7 +295,11 @@ class ClientConnection(asyncio.Protocol):
                 # RFC 9112 §3.2.4: the asterisk-form is only for a server-wide OPTIONS.
                 raise RequestRejected("bad_request", "Invalid request target")
             ctx.path = normalize_path(path)
-            if host_header is not None:
+            if authority is not None:
+                # RFC 9112 §3.2.2: the absolute-form target wins over Host, for
+                # routing and for the Host a proxy generates.
+                ctx.host_header = authority.encode("latin-1")
+            elif host_header is not None:
                 ctx.host_header = host_header
             host = authority or (host_header or b"").decode("latin-1")
             ctx.host = _HOSTS.get(host) or _host_key(host)
