@@ -15,9 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import ValidationError
-
 from tollway.config.errors import ConfigError, ConfigIssue
+from tollway.config.loader import check_references
 from tollway.config.schema import GatewayConfig, PluginEntry
 from tollway.gateway.forwarded import TrustedProxies
 from tollway.gateway.pipeline import Chain
@@ -55,78 +54,39 @@ class Snapshot:
         }
 
 
-def _loc(errors: ValidationError, prefix: str) -> list[ConfigIssue]:
-    issues = []
-    for err in errors.errors():
-        path = prefix
-        for part in err["loc"]:
-            path += f"[{part}]" if isinstance(part, int) else f".{part}"
-        issues.append(ConfigIssue(path, err["msg"].removeprefix("Value error, ")))
-    return issues
-
-
 def build_snapshot(
     config: GatewayConfig,
     generation: int = 1,
     internal_sockets: dict[str, str] | None = None,
     source: str | None = None,
 ) -> Snapshot:
-    """Compile a config; raises ConfigError naming every problem found."""
-    registry = load_builtin_plugins()
-    issues: list[ConfigIssue] = []
+    """Compile a config; raises ConfigError naming every problem found.
 
+    A config from the loader was checked already; the same checks run again here
+    (they are cheap) so that a config built in code gets the same errors.
+    """
+    issues = check_references(config.model_dump(mode="json", by_alias=True))
+    registry = load_builtin_plugins()
     services: dict[str, Service] = {}
     for i, svc in enumerate(config.services):
-        if svc.name in services:
-            issues.append(ConfigIssue(f"services[{i}].name", f"duplicate service {svc.name!r}"))
-            continue
         try:
             services[svc.name] = Service.from_config(svc, internal_sockets)
         except ValueError as exc:
             issues.append(ConfigIssue(f"services[{i}].url", str(exc)))
-
-    route_names: set[str] = set()
-    for i, rc in enumerate(config.routes):
-        if rc.name in route_names:
-            issues.append(ConfigIssue(f"routes[{i}].name", f"duplicate route {rc.name!r}"))
-        route_names.add(rc.name)
-        if rc.service not in services and not any(
-            s.name == rc.service for s in config.services
-        ):
-            issues.append(ConfigIssue(f"routes[{i}].service", f"unknown service {rc.service!r}"))
-    consumer_names = {c.username for c in config.consumers} | {
-        c.id for c in config.consumers if c.id
-    }
+    if issues:
+        raise ConfigError(issues, source)
 
     # One plugin instance per attachment.
     instances: list[tuple[PluginEntry, Plugin[Any]]] = []
     for i, entry in enumerate(config.plugins):
-        where = f"plugins[{i}]"
-        cls = registry.get(entry.name)
-        if cls is None:
-            issues.append(ConfigIssue(f"{where}.name", f"unknown plugin {entry.name!r}"))
-            continue
-        if entry.service is not None and entry.service not in services:
-            issues.append(ConfigIssue(f"{where}.service", f"unknown service {entry.service!r}"))
-        if entry.route is not None and entry.route not in route_names:
-            issues.append(ConfigIssue(f"{where}.route", f"unknown route {entry.route!r}"))
-        if entry.consumer is not None and entry.consumer not in consumer_names:
-            issues.append(
-                ConfigIssue(f"{where}.consumer", f"unknown consumer {entry.consumer!r}")
-            )
+        cls = registry[entry.name]
         try:
-            plugin_config = cls.Config.model_validate(entry.config)
-        except ValidationError as exc:
-            issues.extend(_loc(exc, f"{where}.config"))
-            continue
-        try:
-            plugin = cls(plugin_config)
-        except ValueError as exc:
-            issues.append(ConfigIssue(f"{where}.config", str(exc)))
+            plugin = cls(cls.Config.model_validate(entry.config))
+        except ValueError as exc:  # includes pydantic's ValidationError
+            issues.append(ConfigIssue(f"plugins[{i}].config", str(exc)))
             continue
         if entry.enabled:
             instances.append((entry, plugin))
-
     if issues:
         raise ConfigError(issues, source)
 
@@ -140,18 +100,7 @@ def build_snapshot(
             scope = ("consumer", entry.consumer)
         else:
             scope = ("global", "")
-        bucket = scoped.setdefault(scope, {})
-        if entry.name in bucket:
-            issues.append(
-                ConfigIssue(
-                    f"plugins[{config.plugins.index(entry)}].name",
-                    f"plugin {entry.name!r} attached twice to the same "
-                    f"{scope[0]}{' ' + scope[1] if scope[1] else ''}",
-                )
-            )
-        bucket[entry.name] = plugin
-    if issues:
-        raise ConfigError(issues, source)
+        scoped.setdefault(scope, {})[entry.name] = plugin
 
     chains: dict[tuple[int, ...], Chain] = {}
 
