@@ -77,10 +77,8 @@ class FakeTransport:
 
 async def measure(plugins: bool | str, n: int, profile: bool) -> float:
     """µs per request; `plugins` True for the benchmark trio, or a YAML plugins list."""
-    if isinstance(plugins, str):
-        text = CONFIG + plugins
-    else:
-        text = CONFIG + (PLUGINS if plugins else "")
+    extra = plugins if isinstance(plugins, str) else (PLUGINS if plugins else "")
+    text = CONFIG + extra
     snapshot = build_snapshot(load_config_text(text, "bench"))
     settings = Settings(access_log="/dev/null")
     plane = DataPlane(settings, snapshot)
