@@ -186,3 +186,47 @@ def test_quickstart_serves_the_demo_config_in_front_of_a_live_upstream(
     assert result.exit_code == 0, result.output
     assert answers[0]["message"] == "hello from the demo upstream"
     assert "curl -i http://127.0.0.1:8100/demo/hello" in result.output
+
+
+def test_quickstart_serves_the_demo_for_real(tmp_path: Path) -> None:
+    """What `make run` starts: a demo upstream and a gateway, with a curl line that works."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from support.gateway import free_port
+
+    port, admin_port, upstream_port = free_port(), free_port(), free_port()
+    log = (tmp_path / "quickstart.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tollway", "quickstart", "--port", str(port),
+         "--admin-port", str(admin_port), "--upstream-port", str(upstream_port),
+         "--data-dir", str(tmp_path / "data")],
+        stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "TOLLWAY_LOG_LEVEL": "warning"},
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/demo/hello") as r:
+                    body = r.read()
+                    status = r.status
+                    request_id = r.headers["x-request-id"]
+                break
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "quickstart.log").read_text()
+                assert time.monotonic() < deadline, "quickstart did not serve in 20 s"
+                time.sleep(0.1)  # polling for the listener; nothing to wait on
+        assert status == 200
+        assert b"hello from the demo upstream" in body
+        assert request_id
+        printed = (tmp_path / "quickstart.log").read_text()
+        assert f"curl -i http://127.0.0.1:{port}/demo/hello" in printed
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(15)
+        log.close()

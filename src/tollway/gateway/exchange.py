@@ -30,7 +30,7 @@ from tollway.gateway.errors import GatewayError
 from tollway.gateway.forwarded import FORWARDING_HEADERS, forwarding_block
 from tollway.gateway.http11 import DATE, HOP_BY_HOP, HopFilter, render_head
 from tollway.gateway.pipeline import Chain, active_chain
-from tollway.upstream.errors import UpstreamError, UpstreamReadTimeout
+from tollway.upstream.errors import UpstreamError, UpstreamReadTimeout, UpstreamWriteTimeout
 
 if TYPE_CHECKING:
     from tollway.config.snapshot import Snapshot
@@ -242,7 +242,7 @@ class Exchange:
 
     async def _connect(self, pool: ConnectionPool, service: Service) -> None:
         try:
-            upstream = await pool.connect(service.connect_timeout)
+            upstream = await pool.connect(self._connect_timeout(service))
         except UpstreamError as exc:
             self._upstream_error(exc)
             return
@@ -317,6 +317,18 @@ class Exchange:
         if route is not None and route.config.read_timeout is not None:
             return route.config.read_timeout
         return self.service.read_timeout if self.service else 60.0
+
+    def _write_timeout(self) -> float:
+        route = self.ctx.route
+        if route is not None and route.config.write_timeout is not None:
+            return route.config.write_timeout
+        return self.service.write_timeout if self.service else 60.0
+
+    def _connect_timeout(self, service: Service) -> float:
+        route = self.ctx.route
+        if route is not None and route.config.connect_timeout is not None:
+            return route.config.connect_timeout
+        return service.connect_timeout
 
     # ---- request body from the client ----------------------------------------------
 
@@ -427,10 +439,19 @@ class Exchange:
             self._fail_client("upstream_closed")
 
     def upstream_writable(self, writable: bool) -> None:
+        conn = self.conn
         if writable:
-            self.conn.resume_reading(self.conn.PAUSE_UPSTREAM)
+            conn.resume_reading(conn.PAUSE_UPSTREAM)
+            if conn.deadline_kind == "upstream_write":
+                if self.request_done:
+                    conn.set_deadline("upstream", self.read_timeout())
+                else:
+                    conn.set_deadline("body", conn.settings.body_timeout)
         else:
-            self.conn.pause_reading(self.conn.PAUSE_UPSTREAM)
+            # The upstream stopped taking the request body: its stall, not the
+            # client's, so the write timeout runs instead of the client body timeout.
+            conn.pause_reading(conn.PAUSE_UPSTREAM)
+            conn.set_deadline("upstream_write", self._write_timeout())
 
     def client_writable(self, writable: bool) -> None:
         upstream = self.upstream
@@ -573,6 +594,10 @@ class Exchange:
         if kind == "upstream":
             self._abort_upstream()
             self._upstream_error(UpstreamReadTimeout("upstream read timed out"))
+        elif kind == "upstream_write":
+            self._abort_upstream()
+            self.close_after = True  # the rest of the request body is not read
+            self._upstream_error(UpstreamWriteTimeout("upstream stopped reading the request"))
         elif kind == "body":
             self._abort_upstream()
             self.close_after = True
