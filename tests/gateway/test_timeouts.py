@@ -91,7 +91,7 @@ routes:
     connect_timeout: 0.3s
 """
         async with running_gateway(tmp_path, config) as gw:
-            busy_r, busy_w = await asyncio.open_connection("127.0.0.1", gw.port)
+            _busy_r, busy_w = await asyncio.open_connection("127.0.0.1", gw.port)
             busy_w.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
             await upstream.request_arrived.wait()  # the only connection is now in use
             r, w = await asyncio.open_connection("127.0.0.1", gw.port)
