@@ -256,7 +256,13 @@ class Exchange:
         self.upstream = upstream
         ctx.upstream_addr = self.pool.target.key if self.pool else None
         ctx.upstream_start = time.perf_counter()
-        upstream.send_head(self, self._request_head(), ctx.method == "HEAD")
+        chain = active_chain(ctx, self.chain)
+        # Nothing will read or edit the response head: take it as bytes.
+        raw = not (
+            chain.response_hooks or chain.body_filter_hooks or ctx.response_headers
+            or self.upgrade is not None or ctx.method == "HEAD"
+        )
+        upstream.send_head(self, self._request_head(), ctx.method == "HEAD", raw)
         if self.body_buf:
             chunks, self.body_buf, self.body_buf_size = self.body_buf, [], 0
             for chunk in chunks:
@@ -494,28 +500,56 @@ class Exchange:
             if body is not None:
                 body = self._filter_all(body)
                 content_length = len(body)
-        if no_body:
+        self.response_started = True
+        framing = self._framing(head.status, content_length)
+        self.out.append(render_head(head.status, head.reason, headers, framing))
+        if body and not no_body:
+            self.out.append(body)
+            ctx.bytes_out += len(body)
+
+    def upstream_raw_head(
+        self, status: int, block: bytes, content_length: int | None, chunked: bool
+    ) -> None:
+        """The upstream's head as bytes (status line and headers, hop-by-hop cut).
+
+        Used when nothing on this route reads or edits response headers: the head
+        goes out as the upstream wrote it, with our status-line version and framing.
+        """
+        ctx = self.ctx
+        ctx.upstream_headers_at = time.perf_counter()
+        ctx.status = status
+        eol = block.find(b"\r\n")
+        if eol < 0:
+            eol = len(block)
+        self.response_started = True
+        self.out.append(b"".join((
+            b"HTTP/1.1", block[block.find(b" "):eol], block[eol:], b"\r\n",
+            self._framing(status, content_length), b"\r\n",
+        )))
+
+    def _framing(self, status: int, content_length: int | None) -> bytes:
+        """The framing and Connection header lines of the response (each ends CRLF)."""
+        ctx = self.ctx
+        if ctx.method == "HEAD" or status in _NO_BODY_STATUS or status < 200:
+            lines = b""
             if ctx.method == "HEAD" and content_length is not None:
-                headers.append((b"content-length", str(content_length).encode()))
+                lines = b"content-length: %d\r\n" % content_length
         elif content_length is not None:
-            headers.append((b"content-length", str(content_length).encode()))
+            lines = b"content-length: %d\r\n" % content_length
         elif ctx.http_version == "1.1":
-            headers.append((b"transfer-encoding", b"chunked"))
+            lines = b"transfer-encoding: chunked\r\n"
             self.resp_chunked = True
         else:
+            lines = b""
             self.close_after = True  # HTTP/1.0: the close delimits the body
         conn = self.conn
         if conn.plane.draining or conn.reading_stopped:
             self.close_after = True
         if self.close_after:
-            headers.append((b"connection", b"close"))
+            lines += b"connection: close\r\n"
         elif ctx.http_version == "1.0":
-            headers.append((b"connection", b"keep-alive"))
-        self.response_started = True
-        self.out.append(render_head(head.status, head.reason, headers))
-        if body and not no_body:
-            self.out.append(body)
-            ctx.bytes_out += len(body)
+            lines += b"connection: keep-alive\r\n"
+        return lines
 
     def _write_client_body(self, data: bytes) -> None:
         self.ctx.bytes_out += len(data)

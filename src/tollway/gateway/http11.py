@@ -253,9 +253,10 @@ class DateCache:
 DATE = DateCache()
 
 
-def render_head(status: int, reason: bytes, headers: Headers) -> bytes:
+def render_head(status: int, reason: bytes, headers: Headers, extra: bytes = b"") -> bytes:
+    """A response head; `extra` is header lines already rendered (each ends CRLF)."""
     parts = [b"HTTP/1.1 ", str(status).encode(), b" ", reason or REASONS.get(status, b""), b"\r\n"]
     for name, value in headers:
         parts += (name, b": ", value, b"\r\n")
-    parts.append(b"\r\n")
+    parts += (extra, b"\r\n")
     return b"".join(parts)

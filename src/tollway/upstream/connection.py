@@ -9,6 +9,7 @@ whether it may be reused: only after a complete response to a fully sent request
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
@@ -26,6 +27,10 @@ class ConnectionOwner(Protocol):
     def upstream_head(
         self, status: int, reason: bytes, headers: Headers, content_length: int | None,
         chunked: bool, connection: bytes | None,
+    ) -> None: ...
+
+    def upstream_raw_head(
+        self, status: int, block: bytes, content_length: int | None, chunked: bool
     ) -> None: ...
 
     def upstream_body(self, data: bytes) -> None: ...
@@ -48,11 +53,16 @@ class ConnectionOwner(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_chunked",
+        "_collect",
         "_content_length",
+        "_full_parser",
+        "_head_data",
         "_head_only",
+        "_head_start",
         "_headers",
         "_informational",
         "_parser",
+        "_raw_parser",
         "_reason",
         "_responding",
         "closed",
@@ -72,7 +82,18 @@ class UpstreamConnection(asyncio.Protocol):
         self.relay = False
         self.idle_since = 0.0
         self.requests = 0
-        self._parser = httptools.HttpResponseParser(self)
+        # Two parsers, one per way of reading a response head; each response is read
+        # whole by one of them, so each stays at a message boundary between uses.
+        # The full one reports every header (response plugins need the list); the
+        # raw one reports none: httptools binds its callbacks when it is built, so a
+        # parser without on_header costs no Python call per header, and the head
+        # is passed on as bytes (see _on_raw_headers_complete).
+        self._full_parser = httptools.HttpResponseParser(self)
+        self._raw_parser = httptools.HttpResponseParser(_RawCallbacks(self))
+        self._parser = self._full_parser
+        self._collect = False
+        self._head_data = b""
+        self._head_start = 0
         self._headers: Headers = []
         self._reason = b""
         self._head_only = False
@@ -83,11 +104,21 @@ class UpstreamConnection(asyncio.Protocol):
 
     # ---- used by the owner ---------------------------------------------------------
 
-    def send_head(self, owner: ConnectionOwner, head: bytes, head_only: bool) -> None:
-        """Start a request: become owned, write the request head."""
+    def send_head(
+        self, owner: ConnectionOwner, head: bytes, head_only: bool, raw: bool = False
+    ) -> None:
+        """Start a request: become owned, write the request head.
+
+        `raw`: report the response head as bytes (upstream_raw_head) instead of a
+        header list; not for HEAD requests or upgrades.
+        """
         self.owner = owner
         self.requests += 1
         self._head_only = head_only
+        self._parser = self._raw_parser if raw else self._full_parser
+        self._collect = raw
+        self._head_data = b""
+        self._head_start = 0
         self._headers = []
         self._reason = b""
         self._responding = False
@@ -137,6 +168,8 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes while idle: the upstream is confused; never reuse this one.
             self.close()
             return
+        if self._collect:
+            self._head_data = self._head_data + data if self._head_data else data
         try:
             self._parser.feed_data(data)
             if self.owner is owner:
@@ -218,6 +251,45 @@ class UpstreamConnection(asyncio.Protocol):
             owner.upstream_complete(False)
             self.close()
 
+    def _on_raw_headers_complete(self) -> None:
+        status: int = self._parser.get_status_code()
+        buf = self._head_data
+        start = self._head_start
+        end = buf.find(b"\r\n\r\n", start)
+        if 100 <= status < 200:
+            # An interim answer (100 Continue): skip its head; the final one follows.
+            self._informational = True
+            self._head_start = end + 4
+            return
+        self._collect = False
+        self._head_data = b""
+        block = buf[start:end]
+        content_length = None
+        chunked = False
+        # One regex pass: split() yields [text, name, value, text, name, value, ...].
+        parts = _HOP_LINE.split(block)
+        if len(parts) > 1:
+            extra: set[bytes] = set()
+            for i in range(1, len(parts), 3):
+                name = parts[i].lower()
+                value = parts[i + 1]
+                if name == b"content-length":
+                    content_length = int(value)
+                elif name == b"transfer-encoding":
+                    chunked = value.lower().rstrip().endswith(b"chunked")
+                elif name == b"connection" and value.lower() != b"keep-alive":
+                    tokens = {t.strip().lower() for t in value.split(b",")}
+                    extra |= tokens - _HOP_NAMES - {b"", b"close"}
+            block = b"".join(parts[::3])
+            if extra:
+                block = _without_headers(block, extra)
+        self._content_length = content_length
+        self._chunked = chunked
+        self._responding = True
+        owner = self.owner
+        assert owner is not None
+        owner.upstream_raw_head(status, block, content_length, chunked)
+
     def on_body(self, body: bytes) -> None:
         owner = self.owner
         if owner is not None:
@@ -243,3 +315,36 @@ class UpstreamConnection(asyncio.Protocol):
         self.close()
         if owner is not None:
             owner.upstream_failed(exc)
+
+
+class _RawCallbacks:
+    """The callbacks of the raw parser: the connection's own, minus on_header."""
+
+    __slots__ = ("on_body", "on_headers_complete", "on_message_complete")
+
+    def __init__(self, conn: UpstreamConnection) -> None:
+        self.on_headers_complete = conn._on_raw_headers_complete
+        self.on_body = conn.on_body
+        self.on_message_complete = conn.on_message_complete
+
+
+# Hop-by-hop header lines and Content-Length, found and cut in one regex pass over
+# the raw head; each match starts at the CRLF before its line, so cutting leaves
+# the next line's CRLF in place.
+_HOP_NAMES = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
+     b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
+)
+_HOP_LINE = re.compile(
+    rb"\r\n(content-length|" + b"|".join(sorted(_HOP_NAMES)) + rb")[ \t]*:[ \t]*([^\r\n]*)",
+    re.IGNORECASE,
+)
+
+
+def _without_headers(block: bytes, names: set[bytes]) -> bytes:
+    """Drop the header lines whose names Connection listed (rare: a slow path)."""
+    lines = block.split(b"\r\n")
+    kept = [lines[0]] + [
+        line for line in lines[1:] if line.partition(b":")[0].strip().lower() not in names
+    ]
+    return b"\r\n".join(kept)
