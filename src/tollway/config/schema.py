@@ -12,7 +12,15 @@ import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -52,7 +60,17 @@ def parse_size(value: Any) -> int:
     raise ValueError("must be a size such as 512k, 10m or 1g")
 
 
+def _compiles(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression: {exc}") from exc
+    return value
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+# A string that must compile as a Python regular expression.
+Regex = Annotated[str, AfterValidator(_compiles)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 
 
@@ -148,17 +166,8 @@ class HeaderMatch(Model):
 class RewriteConfig(Model):
     """Rewrite the forwarded path: a regex over the path after strip_path."""
 
-    pattern: str
+    pattern: Regex
     replacement: str
-
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as exc:
-            raise ValueError(f"invalid regex: {exc}") from exc
-        return v
 
 
 class RouteConfig(Model):

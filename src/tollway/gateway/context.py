@@ -39,6 +39,20 @@ def header_set(headers: Headers, name: bytes, value: bytes) -> None:
     headers.append((name, value))
 
 
+def header_add_vary(headers: Headers, token: bytes) -> None:
+    """Add `token` to Vary unless it is already there (or Vary is `*`)."""
+    want = token.lower()
+    for i, (name, value) in enumerate(headers):
+        if name != b"vary":
+            continue
+        present = {part.strip().lower() for part in value.split(b",")}
+        if want in present or b"*" in present:
+            return
+        headers[i] = (name, value + b", " + token if value.strip() else token)
+        return
+    headers.append((b"vary", token))
+
+
 @dataclass(slots=True)
 class Response:
     """A response the gateway produces itself (an error, a CORS preflight, ...)."""

@@ -25,9 +25,9 @@ from pydantic import Field, field_validator
 
 from tollway.config.schema import Size
 from tollway.gateway.context import (
-    Headers,
     RequestContext,
     ResponseHead,
+    header_add_vary,
     header_get,
     header_remove,
 )
@@ -84,20 +84,6 @@ def _parse_accept(value: bytes) -> bool:
     if gzip_q is not None:
         return gzip_q > 0
     return star_q is not None and star_q > 0
-
-
-def add_vary(headers: Headers, token: bytes) -> None:
-    """Add `token` to Vary unless it is already there (or Vary is `*`)."""
-    want = token.lower()
-    for i, (name, value) in enumerate(headers):
-        if name != b"vary":
-            continue
-        present = {part.strip().lower() for part in value.split(b",")}
-        if want in present or b"*" in present:
-            return
-        headers[i] = (name, value + b", " + token if value.strip() else token)
-        return
-    headers.append((b"vary", token))
 
 
 class GzipFilter(BodyFilter):
@@ -210,7 +196,7 @@ class Compression(Plugin[CompressionConfig]):
                     return
             except ValueError:
                 pass  # unknown length: the server re-frames the body anyway
-        add_vary(hdrs, b"Accept-Encoding")
+        header_add_vary(hdrs, b"Accept-Encoding")
         if not accepts_gzip(ctx.header(b"accept-encoding")):
             return
         header_remove(hdrs, b"content-length")

@@ -30,6 +30,7 @@ from tollway.gateway.context import (
     RequestContext,
     Response,
     ResponseHead,
+    header_add_vary,
     header_set,
 )
 from tollway.plugins.base import Plugin, PluginConfig, register
@@ -49,20 +50,6 @@ _ACMA = b"access-control-max-age"
 _ACRM = b"access-control-request-method"
 _ACRH = b"access-control-request-headers"
 _VARS_KEY = "cors"
-
-
-def add_vary(headers: Headers, token: bytes) -> None:
-    """Add `token` to Vary unless it is already there (or Vary is `*`)."""
-    want = token.lower()
-    for i, (name, value) in enumerate(headers):
-        if name != b"vary":
-            continue
-        present = {part.strip().lower() for part in value.split(b",")}
-        if want in present or b"*" in present:
-            return
-        headers[i] = (name, value + b", " + token if value.strip() else token)
-        return
-    headers.append((b"vary", token))
 
 
 def _normalise_origin(origin: str) -> str:
@@ -232,10 +219,10 @@ class Cors(Plugin[CorsConfig]):
         if headers is None:
             if not self._star:
                 # The answer would differ for another Origin: caches must know.
-                add_vary(head.headers, b"Origin")
+                header_add_vary(head.headers, b"Origin")
             return
         for name, value in headers:
             if name == b"vary":
-                add_vary(head.headers, value)
+                header_add_vary(head.headers, value)
             else:
                 header_set(head.headers, name, value)

@@ -17,6 +17,7 @@ import re
 
 from pydantic import Field, field_validator
 
+from tollway.config.schema import Regex
 from tollway.gateway.context import RequestContext, Response, ResponseHead, header_set
 from tollway.gateway.ids import new_request_id
 from tollway.plugins.base import Plugin, PluginConfig, register
@@ -25,7 +26,7 @@ _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 class RequestIdConfig(PluginConfig):
     header_name: str = Field(default="X-Request-ID", description="header read and written")
-    pattern: str = Field(
+    pattern: Regex = Field(
         default=r"[A-Za-z0-9._:-]{1,128}",
         description="a client id is kept only if it fully matches this regex",
     )
@@ -36,15 +37,6 @@ class RequestIdConfig(PluginConfig):
     def _token(cls, v: str) -> str:
         if not _TOKEN.match(v):
             raise ValueError("must be a valid HTTP header name")
-        return v
-
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as exc:
-            raise ValueError(f"not a valid regular expression: {exc}") from exc
         return v
 
 
