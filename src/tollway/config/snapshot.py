@@ -131,7 +131,10 @@ def build_snapshot(
             **scoped.get(("service", rc.service), {}),
             **scoped.get(("route", rc.name), {}),
         }
-        route = Route(name=rc.name, config=rc, index=i, service=service)
+        route = Route(
+            name=rc.name, config=rc, index=i, service=service,
+            timeouts=service.timeouts(rc.connect_timeout, rc.write_timeout, rc.read_timeout),
+        )
         route.chain = chain_of(merged, with_consumers(merged))
         routes.append(route)
 

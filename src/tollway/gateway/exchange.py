@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from tollway.config.schema import HTTP_METHODS
 from tollway.gateway.context import (
     Headers,
     RequestContext,
@@ -27,15 +26,22 @@ from tollway.gateway.context import (
     header_get,
 )
 from tollway.gateway.errors import GatewayError
-from tollway.gateway.forwarded import FORWARDING_HEADERS, forwarding_block
-from tollway.gateway.http11 import DATE, HOP_BY_HOP, HopFilter, render_head
-from tollway.gateway.pipeline import Chain, active_chain
+from tollway.gateway.framing import (
+    DOWNSTREAM_HOPS,
+    NO_BODY_STATUS,
+    UPSTREAM_HOPS,
+    raw_response_head,
+    request_head,
+    response_framing,
+)
+from tollway.gateway.http11 import DATE, HOP_BY_HOP, render_head
+from tollway.gateway.pipeline import Chain, FilterChain, active_chain
 from tollway.upstream.errors import UpstreamError, UpstreamReadTimeout, UpstreamWriteTimeout
+from tollway.upstream.service import Timeouts
 
 if TYPE_CHECKING:
     from tollway.config.snapshot import Snapshot
     from tollway.gateway.server import ClientConnection
-    from tollway.plugins.base import BodyFilter
     from tollway.upstream.connection import UpstreamConnection
     from tollway.upstream.pool import ConnectionPool
     from tollway.upstream.service import Service
@@ -44,14 +50,9 @@ log = structlog.get_logger("tollway.exchange")
 
 BODY_BUFFER = 64 * 1024
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+DEFAULT_TIMEOUTS = Timeouts(connect=5.0, write=60.0, read=60.0)
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Headers the upstream request never carries from the client as they are.
-_UPSTREAM_HOPS = HopFilter(
-    HOP_BY_HOP | FORWARDING_HEADERS | {b"host", b"content-length", b"expect"}
-)
-_DOWNSTREAM_HOPS = HopFilter(HOP_BY_HOP | {b"content-length"})
-_METHOD_BYTES = {m: m.encode() for m in HTTP_METHODS}
-_NO_BODY_STATUS = frozenset({204, 304})
 
 
 class Exchange:
@@ -79,6 +80,7 @@ class Exchange:
         "reused",
         "service",
         "snapshot",
+        "timeouts",
         "upgrade",
         "upgrade_tail",
         "upstream",
@@ -106,6 +108,7 @@ class Exchange:
         self.expect_continue = expect_continue
         self.chain: Chain = snapshot.global_chain
         self.service: Service | None = None
+        self.timeouts = DEFAULT_TIMEOUTS
         self.upstream_path = ctx.path
         self.upstream: UpstreamConnection | None = None
         self.pool: ConnectionPool | None = None
@@ -119,7 +122,7 @@ class Exchange:
         self.close_after = not keep_alive
         self.resp_chunked = False
         self.resp_connection: bytes | None = None
-        self.filters: list[BodyFilter] | None = None
+        self.filters: FilterChain | None = None
         # Client-bound bytes produced while handling one upstream read: written in
         # one send by flush_output(), not one syscall per head and chunk.
         self.out: list[bytes] = []
@@ -154,6 +157,8 @@ class Exchange:
                     ctx.path_params = dict(match.path_params)
                 self.upstream_path = match.upstream_path
                 self.service = route.service
+                if route.timeouts is not None:
+                    self.timeouts = route.timeouts
                 if route.chain is not None:
                     self.chain = route.chain
             result = self.chain.run_access(ctx)
@@ -173,8 +178,8 @@ class Exchange:
         # What the client's Connection names is for this hop only: dropped from the
         # client's headers before routing and plugins, not when the upstream head is
         # written, so that a client cannot strip a header a plugin sets.
-        base = _UPSTREAM_HOPS.base
-        drop = _UPSTREAM_HOPS.drop(self.connection)
+        base = UPSTREAM_HOPS.base
+        drop = UPSTREAM_HOPS.drop(self.connection)
         self.connection = None
         if drop is not base:
             named = drop - base
@@ -220,7 +225,7 @@ class Exchange:
             self.reused = True
             self._send(upstream)
         else:
-            self.conn.plane.spawn(self._connect(pool, service))
+            self.conn.plane.spawn(self._connect(pool))
 
     def _respond_unrouted(self) -> None:
         ctx = self.ctx
@@ -240,9 +245,9 @@ class Exchange:
 
     # ---- the upstream request ----------------------------------------------------
 
-    async def _connect(self, pool: ConnectionPool, service: Service) -> None:
+    async def _connect(self, pool: ConnectionPool) -> None:
         try:
-            upstream = await pool.connect(self._connect_timeout(service))
+            upstream = await pool.connect(self.timeouts.connect)
         except UpstreamError as exc:
             self._upstream_error(exc)
             return
@@ -281,27 +286,10 @@ class Exchange:
             host = ctx.host_header or target.authority
         else:
             host = target.authority
-        parts = [_METHOD_BYTES.get(ctx.method) or ctx.method.encode(), b" ",
-                 self.upstream_path.encode("latin-1")]
-        if ctx.query:
-            parts += (b"?", ctx.query)
-        parts += (b" HTTP/1.1\r\nhost: ", host, b"\r\n")
-        drop = _UPSTREAM_HOPS.base  # what Connection named is gone already (start)
-        for name, value in ctx.headers:
-            if name not in drop:
-                parts += (name, b": ", value, b"\r\n")
-        parts.append(forwarding_block(
-            ctx.headers, ctx.peer_ip, ctx.host_header or ctx.host.encode(),
-            self.conn.local_port, self.snapshot.trusted_proxies.contains(ctx.peer_ip),
-        ))
-        if self.upgrade is not None:
-            parts += (b"connection: upgrade\r\nupgrade: ", self.upgrade, b"\r\n")
-        if ctx.content_length is not None:
-            parts += (b"content-length: ", str(ctx.content_length).encode(), b"\r\n")
-        elif ctx.chunked:
-            parts.append(b"transfer-encoding: chunked\r\n")
-        parts.append(b"\r\n")
-        return b"".join(parts)
+        return request_head(
+            ctx, self.upstream_path, host, self.upgrade,
+            self.snapshot.trusted_proxies.contains(ctx.peer_ip), self.conn.local_port,
+        )
 
     def _write_body(self, upstream: UpstreamConnection, chunk: bytes) -> None:
         if self.ctx.chunked:
@@ -319,22 +307,7 @@ class Exchange:
             self.conn.set_deadline("upstream", self.read_timeout())
 
     def read_timeout(self) -> float:
-        route = self.ctx.route
-        if route is not None and route.config.read_timeout is not None:
-            return route.config.read_timeout
-        return self.service.read_timeout if self.service else 60.0
-
-    def _write_timeout(self) -> float:
-        route = self.ctx.route
-        if route is not None and route.config.write_timeout is not None:
-            return route.config.write_timeout
-        return self.service.write_timeout if self.service else 60.0
-
-    def _connect_timeout(self, service: Service) -> float:
-        route = self.ctx.route
-        if route is not None and route.config.connect_timeout is not None:
-            return route.config.connect_timeout
-        return service.connect_timeout
+        return self.timeouts.read
 
     # ---- request body from the client ----------------------------------------------
 
@@ -405,10 +378,9 @@ class Exchange:
 
     def upstream_body(self, data: bytes) -> None:
         if self.filters is not None:
-            for f in self.filters:
-                data = f.feed(data)
-                if not data:
-                    return
+            data = self.filters.feed(data)
+            if not data:
+                return
         self._write_client_body(data)
         self.conn.refresh_deadline()
 
@@ -437,8 +409,8 @@ class Exchange:
             if self._can_retry_stale(exc):
                 self.retried = True
                 self.reused = False
-                assert self.pool is not None and self.service is not None
-                self.conn.plane.spawn(self._connect(self.pool, self.service))
+                assert self.pool is not None
+                self.conn.plane.spawn(self._connect(self.pool))
                 return
             self._upstream_error(exc)
         else:
@@ -457,7 +429,7 @@ class Exchange:
             # The upstream stopped taking the request body: its stall, not the
             # client's, so the write timeout runs instead of the client body timeout.
             conn.pause_reading(conn.PAUSE_UPSTREAM)
-            conn.set_deadline("upstream_write", self._write_timeout())
+            conn.set_deadline("upstream_write", self.timeouts.write)
 
     def client_writable(self, writable: bool) -> None:
         upstream = self.upstream
@@ -491,15 +463,16 @@ class Exchange:
         filters = None
         if chain.response_hooks or chain.body_filter_hooks:
             filters = chain.run_response_headers(ctx, head)
-        no_body = ctx.method == "HEAD" or head.status in _NO_BODY_STATUS or head.status < 200
-        drop = _DOWNSTREAM_HOPS.drop(self.resp_connection)
+        no_body = ctx.method == "HEAD" or head.status in NO_BODY_STATUS or head.status < 200
+        drop = DOWNSTREAM_HOPS.drop(self.resp_connection)
         headers = [(k, v) for k, v in head.headers if k not in drop]
         if filters is not None and not no_body:
             self.filters = filters
             content_length = None
             if body is not None:
-                body = self._filter_all(body)
+                body = filters.feed(body) + filters.finish()
                 content_length = len(body)
+                self.filters = None
         self.response_started = True
         framing = self._framing(head.status, content_length)
         self.out.append(render_head(head.status, head.reason, headers, framing))
@@ -518,37 +491,16 @@ class Exchange:
         ctx = self.ctx
         ctx.upstream_headers_at = time.perf_counter()
         ctx.status = status
-        eol = block.find(b"\r\n")
-        if eol < 0:
-            eol = len(block)
         self.response_started = True
-        self.out.append(b"".join((
-            b"HTTP/1.1", block[block.find(b" "):eol], block[eol:], b"\r\n",
-            self._framing(status, content_length), b"\r\n",
-        )))
+        self.out.append(raw_response_head(block, self._framing(status, content_length)))
 
     def _framing(self, status: int, content_length: int | None) -> bytes:
-        """The framing and Connection header lines of the response (each ends CRLF)."""
         ctx = self.ctx
-        if ctx.method == "HEAD" or status in _NO_BODY_STATUS or status < 200:
-            lines = b""
-            if ctx.method == "HEAD" and content_length is not None:
-                lines = b"content-length: %d\r\n" % content_length
-        elif content_length is not None:
-            lines = b"content-length: %d\r\n" % content_length
-        elif ctx.http_version == "1.1":
-            lines = b"transfer-encoding: chunked\r\n"
-            self.resp_chunked = True
-        else:
-            lines = b""
-            self.close_after = True  # HTTP/1.0: the close delimits the body
         conn = self.conn
-        if conn.plane.draining or conn.reading_stopped:
-            self.close_after = True
-        if self.close_after:
-            lines += b"connection: close\r\n"
-        elif ctx.http_version == "1.0":
-            lines += b"connection: keep-alive\r\n"
+        lines, self.resp_chunked, self.close_after = response_framing(
+            ctx.method, ctx.http_version, status, content_length,
+            self.close_after or conn.plane.draining or conn.reading_stopped,
+        )
         return lines
 
     def _write_client_body(self, data: bytes) -> None:
@@ -564,23 +516,9 @@ class Exchange:
             self.conn.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
 
-    def _filter_all(self, body: bytes) -> bytes:
-        assert self.filters is not None
-        for f in self.filters:
-            body = f.feed(body)
-        tail = self._finish_filters()
-        self.filters = None
-        return body + tail
-
-    def _finish_filters(self) -> bytes:
-        assert self.filters is not None
-        tail = b""
-        for f in self.filters:
-            tail = (f.feed(tail) if tail else b"") + f.finish()
-        return tail
-
     def _flush_filters(self) -> None:
-        tail = self._finish_filters()
+        assert self.filters is not None
+        tail = self.filters.finish()
         self.filters = None
         if tail:
             self._write_client_body(tail)

@@ -129,15 +129,6 @@ def connection_tokens(headers: Headers) -> set[bytes]:
     return tokens
 
 
-def strip_hop_by_hop(headers: Headers) -> Headers:
-    """Headers without hop-by-hop ones and without any header Connection names."""
-    named = connection_tokens(headers)
-    if named:
-        drop = HOP_BY_HOP | named
-        return [(k, v) for k, v in headers if k not in drop]
-    return [(k, v) for k, v in headers if k not in HOP_BY_HOP]
-
-
 def is_upgrade(headers: Headers) -> bytes | None:
     """The Upgrade header value when Connection names upgrade, else None."""
     upgrade = None

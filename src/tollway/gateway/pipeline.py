@@ -37,6 +37,29 @@ def consumer_keys(consumer: Any) -> tuple[str, ...]:
     return tuple(keys)
 
 
+class FilterChain:
+    """Body filters in order: each one's output is the next one's input."""
+
+    __slots__ = ("_filters",)
+
+    def __init__(self, filters: list[BodyFilter]) -> None:
+        self._filters = filters
+
+    def feed(self, data: bytes) -> bytes:
+        for f in self._filters:
+            data = f.feed(data)
+            if not data:
+                return b""
+        return data
+
+    def finish(self) -> bytes:
+        """What the filters still hold at the end of the body, flushed through."""
+        tail = b""
+        for f in self._filters:
+            tail = (f.feed(tail) if tail else b"") + f.finish()
+        return tail
+
+
 class Chain:
     __slots__ = (
         "_tails",
@@ -135,7 +158,7 @@ class Chain:
 
     def run_response_headers(
         self, ctx: RequestContext, head: ResponseHead
-    ) -> list[BodyFilter] | None:
+    ) -> FilterChain | None:
         """Run response-header hooks; returns the body filters this response needs."""
         for hook in self.response_hooks:
             try:
@@ -153,7 +176,7 @@ class Chain:
                 if filters is None:
                     filters = []
                 filters.append(f)
-        return filters
+        return None if filters is None else FilterChain(filters)
 
     def run_log(self, ctx: RequestContext) -> None:
         for hook in self.log_hooks:
@@ -178,5 +201,3 @@ def active_chain(ctx: RequestContext, default: Chain) -> Chain:
     chain = ctx.vars.get("_chain")
     return chain if chain is not None else default
 
-
-EMPTY_CHAIN = Chain(())

@@ -24,7 +24,7 @@ from tollway.gateway.routing_trie import (
 
 if TYPE_CHECKING:
     from tollway.gateway.pipeline import Chain
-    from tollway.upstream.service import Service
+    from tollway.upstream.service import Service, Timeouts
 
 
 @dataclass(eq=False, slots=True)
@@ -37,6 +37,8 @@ class Route:
     index: int
     service: Service | None = None
     chain: Chain | None = None
+    # Resolved when the snapshot is built: the route's own, else its service's.
+    timeouts: Timeouts | None = None
     # Free for the matcher's compiled form of this route.
     compiled: Any = field(default=None)
 

@@ -8,9 +8,18 @@ by (host, port) so that the keep-alive pools outlive config reloads.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from tollway.config.schema import PoolConfig, ServiceConfig
+
+
+class Timeouts(NamedTuple):
+    """Seconds; a route's own values win over its service's."""
+
+    connect: float
+    write: float
+    read: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +97,17 @@ class Service:
             write_timeout=config.write_timeout,
             read_timeout=config.read_timeout,
             _rr=rr or list(targets),
+        )
+
+    def timeouts(
+        self, connect: float | None = None, write: float | None = None,
+        read: float | None = None,
+    ) -> Timeouts:
+        """This service's timeouts, with any of them overridden (by a route)."""
+        return Timeouts(
+            self.connect_timeout if connect is None else connect,
+            self.write_timeout if write is None else write,
+            self.read_timeout if read is None else read,
         )
 
     def pick(self) -> Target:
