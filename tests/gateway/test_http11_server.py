@@ -594,3 +594,30 @@ async def test_encoded_slash_is_not_a_segment_separator(tmp_path: Path) -> None:
         assert parse_responses(raw)[0].status == 200
         assert [r.target for r in public.requests] == ["/public/..%2Fadmin/x"]
         assert admin.requests == []
+
+
+async def test_oversized_trailers_are_refused(tmp_path: Path) -> None:
+    async with RecordingUpstream() as upstream, running_gateway(
+        tmp_path, _trailer_config(upstream), max_header_bytes=2048
+    ) as gw:
+        trailer = b"X-Pad: " + b"a" * 4096 + b"\r\n"
+        raw = await exchange_raw(
+            gw.port,
+            b"POST /api/t HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\n" + trailer + b"\r\n",
+        )
+        (response,) = parse_responses(raw)
+        assert response.status == 400
+        assert response.header("connection") == "close"
+
+
+def _trailer_config(upstream: RecordingUpstream) -> str:
+    return f"""
+services:
+  - name: up
+    url: {upstream.url}
+routes:
+  - name: api
+    service: up
+    paths: [/api]
+"""

@@ -96,7 +96,9 @@ def forwarding_block(
     for_node = b'"[' + peer + b']"' if b":" in peer else peer
     own_proto = proto or b"http"
     own_host = fhost or host
-    element = b"for=" + for_node + b";host=" + _quote(own_host) + b";proto=" + own_proto
+    # Our Forwarded element describes the hop we received (RFC 7239 §4), whatever
+    # the X-Forwarded-* of a proxy before us said about the original request.
+    element = b"for=" + for_node + b";host=" + _quote(host) + b";proto=http"
     return b"".join((
         b"x-forwarded-for: ", xff + b", " + peer if xff else peer,
         b"\r\nx-forwarded-proto: ", own_proto,

@@ -213,7 +213,12 @@ class ClientConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
-            return  # chunked trailers: dropped, the upstream body is re-framed
+            # Chunked trailers: dropped (the upstream body is re-framed), but
+            # counted with the headers against one header-block budget.
+            self._head_size += len(name) + len(value) + 4
+            if self._head_size > self.settings.max_header_bytes:
+                raise _Refuse("headers_too_large", "Request trailers are too large")
+            return
         headers = self._headers
         if len(headers) >= self.settings.max_header_count:
             raise _Refuse("headers_too_large", "Too many request headers")
