@@ -31,7 +31,6 @@ from tollway.gateway.context import (
     Response,
     ResponseHead,
     header_add_vary,
-    header_set,
 )
 from tollway.plugins.base import Plugin, PluginConfig, register
 
@@ -221,8 +220,11 @@ class Cors(Plugin[CorsConfig]):
                 # The answer would differ for another Origin: caches must know.
                 header_add_vary(head.headers, b"Origin")
             return
+        # Ours replace any the upstream set: one pass, not one rebuild per header.
+        ours = {name for name, _ in headers if name != b"vary"}
+        head.headers[:] = [h for h in head.headers if h[0] not in ours]
         for name, value in headers:
             if name == b"vary":
                 header_add_vary(head.headers, value)
             else:
-                header_set(head.headers, name, value)
+                head.headers.append((name, value))
