@@ -195,3 +195,20 @@ def test_request_without_origin_is_untouched() -> None:
 def test_bad_config_is_rejected(cfg: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         CorsConfig.model_validate(cfg)
+
+
+def test_gateway_cors_headers_replace_the_upstreams_not_duplicate_them() -> None:
+    p = listed()
+    ctx = build_ctx("GET", headers=[(b"origin", SITE)])
+    assert p.access(ctx) is None
+    response = head(200, [
+        (b"access-control-allow-origin", b"*"),
+        (b"x-kept", b"1"),
+        (b"vary", b"Accept-Encoding"),
+    ])
+    p.response_headers(ctx, response)
+    names = [k for k, _ in response.headers]
+    assert names.count(b"access-control-allow-origin") == 1
+    assert header_get(response.headers, b"access-control-allow-origin") == SITE
+    assert header_get(response.headers, b"x-kept") == b"1"
+    assert header_get(response.headers, b"vary") == b"Accept-Encoding, Origin"
