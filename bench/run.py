@@ -378,6 +378,10 @@ def checks_for(
     ref = targets.get("nginx")
     ref_rps = ref.median("rps") if ref is not None and ref.ok else None
 
+    def failed_responses(t: Target) -> int:
+        # A fast error is not throughput: a proxy answering 502 must not pass.
+        return sum(r.errors for r in t.rounds)
+
     def ratio_check(key: str, name: str, minimum: float) -> None:
         t = targets.get(key)
         if t is None:
@@ -385,6 +389,8 @@ def checks_for(
         title = f"{name}: req/s >= {minimum:.2f} x nginx"
         if not t.ok:
             out.append(Check(title, "ERROR", t.error or "no rounds"))
+        elif failed_responses(t):
+            out.append(Check(title, "FAIL", f"{failed_responses(t)} failed responses"))
         elif ref_rps is None:
             out.append(Check(title, "ERROR", "no nginx reference figure in this run"))
         else:
@@ -395,7 +401,9 @@ def checks_for(
     t = targets.get("noplugins")
     if t is not None:
         title = f"tollway, no plugins: p99 < {P99_NOPLUGINS_MS:g} ms at {{c}} connections"
-        if t.ok:
+        if t.ok and failed_responses(t):
+            out.append(Check(title, "FAIL", f"{failed_responses(t)} failed responses"))
+        elif t.ok:
             p99 = t.median("p99_ms")
             status = "PASS" if p99 < P99_NOPLUGINS_MS else "FAIL"
             out.append(Check(title, status, f"{p99:.2f} ms"))

@@ -230,3 +230,12 @@ def test_quickstart_serves_the_demo_for_real(tmp_path: Path) -> None:
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(15)
         log.close()
+
+
+def test_check_names_a_plugin_file_it_cannot_open(tmp_path: Path) -> None:
+    (tmp_path / "logdir").mkdir()
+    cfg = tmp_path / "tollway.yaml"
+    cfg.write_text(f"plugins:\n  - name: access-log\n    config: {{path: {tmp_path / 'logdir'}}}\n")
+    result = runner.invoke(app, ["check", str(cfg)])
+    assert result.exit_code == 1
+    assert "plugins[0].config" in result.output

@@ -336,3 +336,48 @@ def test_schema_and_cross_reference_issues_come_together_in_file_order() -> None
         'routes[0].service: unknown service "t"',
         "services[0].read_timeout: must be a duration such as 2s, 500ms or 1m",
     ]
+
+
+ROUTE_WITH = """
+    services:
+      - {{name: s, url: "http://127.0.0.1:1"}}
+    routes:
+      - {{name: r, service: s, {field}}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("field", "expected"),
+    [
+        # Requests are routed normalized: these could never match as written.
+        ("paths: [/files/%7Euser]",
+         'routes[0].paths[0]: requests are matched normalized; write "/files/~user"'),
+        ("paths: [/a%2fb]", 'routes[0].paths[0]: requests are matched normalized; write "/a%2Fb"'),
+        ("paths: [=/x/../y]", 'routes[0].paths[0]: requests are matched normalized; write "=/y"'),
+        ("hosts: [api.example.com:8080]",
+         "routes[0].hosts[0]: no port here: routes match the host name alone"),
+    ],
+)
+def test_routes_that_could_never_match_are_refused(field: str, expected: str) -> None:
+    assert issues_of(ROUTE_WITH.format(field=field)) == [expected]
+
+
+def test_a_bracketed_ipv6_host_is_accepted() -> None:
+    config = load(ROUTE_WITH.format(field='hosts: ["[::1]"]'))
+    assert config.routes[0].hosts == ("[::1]",)
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-1s"])
+def test_durations_must_be_finite_and_not_negative(value: str) -> None:
+    issues = issues_of(f"""
+        services:
+          - {{name: s, url: "http://127.0.0.1:1", read_timeout: {value}}}
+    """)
+    assert len(issues) == 1 and issues[0].startswith("services[0].read_timeout:")
+
+
+def test_empty_file_is_refused_when_asked() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config_text("# only a comment\n", "tollway.yaml", {}, allow_empty=False)
+    assert [str(i) for i in info.value.issues] == ["the file is empty"]
+    assert load_config_text("", "tollway.yaml", {}) == GatewayConfig()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -265,3 +266,78 @@ routes:
             assert services["down"][dead_url.removeprefix("http://")]["status"] == "down"
             ready = await admin.get("/health/ready")
             assert ready.status_code == 200  # an upstream down does not unready the node
+
+
+def access_log_config(upstream: RecordingUpstream, log: Path, comment: str = "") -> str:
+    return f"""# {comment}
+services:
+  - name: up
+    url: {upstream.url}
+routes:
+  - name: api
+    service: up
+    paths: [/api]
+plugins:
+  - name: access-log
+    config: {{path: {log}}}
+"""
+
+
+async def test_successful_reload_reports_success(tmp_path: Path) -> None:
+    async with RecordingUpstream() as upstream, running_gateway(
+        tmp_path, route_config(upstream, "one"), reload_poll_interval=0
+    ) as gw:
+        (tmp_path / "tollway.yaml").write_text(route_config(upstream, "two"))
+        assert gw.reload() is True
+        assert gw.snapshot is not None and gw.snapshot.generation == 2
+
+
+async def test_an_emptied_file_does_not_wipe_the_routes(tmp_path: Path) -> None:
+    async with RecordingUpstream() as upstream, running_gateway(
+        tmp_path, route_config(upstream, "kept")
+    ) as gw:
+        (tmp_path / "tollway.yaml").write_text("")  # truncated mid-write, or a mistake
+        await wait_until(lambda: gw.watcher is not None and gw.watcher.changes >= 1,
+                         what="the watcher to see the empty file")
+        assert gw.reloads == 0
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.port}") as client:
+            r = await client.get("/api/x")
+        assert r.status_code == 200 and r.headers["x-config"] == "kept"
+
+
+async def test_request_spanning_a_reload_is_still_logged(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    gate = Gate()
+    async with RecordingUpstream(gate) as upstream, running_gateway(
+        tmp_path, access_log_config(upstream, log), shutdown_timeout=0.2
+    ) as gw, httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.port}") as client:
+        slow = asyncio.create_task(client.get("/api/slow", timeout=10))
+        await wait_until(lambda: len(upstream.requests) == 1, what="the request upstream")
+        (tmp_path / "tollway.yaml").write_text(access_log_config(upstream, log, "reloaded"))
+        await wait_until(lambda: gw.reloads == 1, what="the reload")
+        # Past the old snapshot's former close timer (shutdown_timeout + 1 s).
+        plane = gw.plane
+        assert plane is not None
+        await wait_until(lambda: plane._ticks > 20, what="sweeper ticks")
+        gate.open.set()
+        assert (await slow).status_code == 200
+        await client.get("/api/after")
+    paths = [json.loads(line)["path"] for line in log.read_text().splitlines()]
+    assert "/api/slow" in paths and "/api/after" in paths
+
+
+async def test_request_cut_at_shutdown_is_logged(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    gate = Gate()  # never opened
+    async with RecordingUpstream(gate) as upstream:
+        async with running_gateway(
+            tmp_path, access_log_config(upstream, log), shutdown_timeout=0.2
+        ) as gw:
+            client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.port}")
+            cut = asyncio.create_task(client.get("/api/cut", timeout=10))
+            await wait_until(lambda: len(upstream.requests) == 1, what="the request upstream")
+        with pytest.raises(httpx.HTTPError):
+            await cut
+        await client.aclose()
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["path"], r["aborted"]) for r in lines] == [("/api/cut", "shutdown_deadline")]

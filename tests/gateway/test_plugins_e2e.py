@@ -485,3 +485,38 @@ async def test_client_cannot_strip_a_plugin_header_by_naming_it_in_connection(
         req = up.requests[0]
         assert req.header_all("x-gateway-verified") == ["yes"]
         assert req.header("x-hop") is None
+
+
+async def test_gzip_does_not_starve_the_read_timeout_of_a_slow_stream(tmp_path: Path) -> None:
+    """gzip may hold small chunks back; the upstream is still making progress."""
+
+    async def trickle(req: Received, reply: Reply) -> None:
+        await req.complete.wait()
+        reply.head(200, [("content-type", "text/plain"), ("transfer-encoding", "chunked")])
+        for _ in range(8):  # 80 bytes over ~1.6 s: longer than the 0.8 s read timeout
+            reply.chunk(b"0123456789")
+            await asyncio.sleep(0.2)  # the upstream's pace, not a wait for the gateway
+        reply.end_chunks()
+
+    async with RecordingUpstream(trickle) as up:
+        config = f"""
+services:
+  - name: up
+    url: {up.url}
+    read_timeout: 0.8s
+routes:
+  - name: api
+    service: up
+    paths: [/api]
+plugins:
+  - name: response-compression
+    config: {{min_size: 0}}
+"""
+        async with running_gateway(tmp_path, config) as gw:
+            raw = await exchange_raw(
+                gw.port, b"GET /api/x HTTP/1.1\r\nHost: a\r\nAccept-Encoding: gzip\r\n\r\n",
+                timeout=8, expect=1,
+            )
+    (response,) = parse_responses(raw)
+    assert response.header("content-encoding") == "gzip"
+    assert gzip.decompress(response.body) == b"0123456789" * 8

@@ -212,3 +212,17 @@ def test_gateway_cors_headers_replace_the_upstreams_not_duplicate_them() -> None
     assert header_get(response.headers, b"access-control-allow-origin") == SITE
     assert header_get(response.headers, b"x-kept") == b"1"
     assert header_get(response.headers, b"vary") == b"Accept-Encoding, Origin"
+
+
+def test_upstream_cors_grant_is_removed_for_an_origin_the_gateway_refuses() -> None:
+    p = listed()
+    ctx = build_ctx("GET", headers=[(b"origin", b"https://evil.example")])
+    assert p.access(ctx) is None  # a safe method passes, without CORS headers
+    response = head(200, [
+        (b"access-control-allow-origin", b"*"),
+        (b"access-control-allow-credentials", b"true"),
+        (b"x-kept", b"1"),
+    ])
+    p.response_headers(ctx, response)
+    assert [k for k, _ in response.headers if k.startswith(b"access-control-")] == []
+    assert header_get(response.headers, b"x-kept") == b"1"

@@ -388,12 +388,22 @@ def _in_file_order(issues: list[ConfigIssue], tree: Mapping[str, Any]) -> list[C
 
 
 def load_config_text(
-    text: str, source: str = "<string>", env: Mapping[str, str] | None = None
+    text: str,
+    source: str = "<string>",
+    env: Mapping[str, str] | None = None,
+    allow_empty: bool = True,
 ) -> GatewayConfig:
-    """Validate config text; raises one ConfigError listing every issue."""
+    """Validate config text; raises one ConfigError listing every issue.
+
+    `allow_empty=False` refuses a document with nothing in it: on a reload an empty
+    file is a half-written or truncated one far more often than a wish to drop
+    every route.
+    """
     try:
         tree = parse_yaml(text)
         if tree is None:
+            if not allow_empty:
+                raise ConfigError([ConfigIssue("", "the file is empty")])
             tree = {}
         if not isinstance(tree, dict):
             raise ConfigError(
@@ -415,7 +425,9 @@ def load_config_text(
     return config
 
 
-def load_config(path: Path, env: Mapping[str, str] | None = None) -> GatewayConfig:
+def load_config(
+    path: Path, env: Mapping[str, str] | None = None, allow_empty: bool = True
+) -> GatewayConfig:
     """Read and validate a tollway.yaml; `env` defaults to the process environment."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -425,4 +437,4 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> GatewayConf
         ) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([ConfigIssue("", f"not UTF-8 text: {exc.reason}")], str(path)) from None
-    return load_config_text(text, str(path), env)
+    return load_config_text(text, str(path), env, allow_empty)

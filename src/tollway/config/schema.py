@@ -8,6 +8,7 @@ checked when a snapshot is built (config/snapshot.py), with the same error paths
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -21,6 +22,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from tollway.gateway.http11 import normalize_path
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -41,8 +44,8 @@ def parse_duration(value: Any) -> float:
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
     else:
         raise ValueError("must be a duration such as 2s, 500ms or 1m")
-    if seconds < 0:
-        raise ValueError("must not be negative")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError("must be a finite, non-negative duration")
     return seconds
 
 
@@ -200,6 +203,16 @@ class RouteConfig(Model):
                     raise ValueError(f"paths[{i}]: invalid regex: {exc}") from exc
             elif not p.removeprefix("=").startswith("/"):
                 raise ValueError(f'paths[{i}]: must start with "/"')
+            else:
+                # Requests are routed on their normalized path: a path written
+                # any other way could never match.
+                literal = p.removeprefix("=")
+                normal = normalize_path(literal)
+                if normal != literal:
+                    raise ValueError(
+                        f'paths[{i}]: requests are matched normalized; write "'
+                        f'{p[: len(p) - len(literal)]}{normal}"'
+                    )
         return v
 
     @field_validator("methods")
@@ -220,6 +233,8 @@ class RouteConfig(Model):
                 raise ValueError(
                     f"hosts[{i}]: must be a host name, *.suffix or prefix.* wildcard"
                 )
+            if (":" in h and not h.startswith("[")) or (h.startswith("[") and not h.endswith("]")):
+                raise ValueError(f"hosts[{i}]: no port here: routes match the host name alone")
         return tuple(h.lower() for h in v)
 
     @model_validator(mode="after")

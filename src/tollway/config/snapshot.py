@@ -82,7 +82,7 @@ def build_snapshot(
         cls = registry[entry.name]
         try:
             plugin = cls(cls.Config.model_validate(entry.config))
-        except ValueError as exc:  # includes pydantic's ValidationError
+        except (ValueError, OSError) as exc:  # pydantic's ValidationError; files
             issues.append(ConfigIssue(f"plugins[{i}].config", str(exc)))
             continue
         if entry.enabled:

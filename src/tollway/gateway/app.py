@@ -38,11 +38,13 @@ from tollway.upstream.probe import probe_services
 log = structlog.get_logger("tollway.app")
 
 
-def load_snapshot(settings: Settings, generation: int = 1) -> Snapshot:
+def load_snapshot(
+    settings: Settings, generation: int = 1, allow_empty: bool = True
+) -> Snapshot:
     """Load and compile the configured file (or an empty config)."""
     if settings.config is None:
         return build_snapshot(GatewayConfig(), generation, source=None)
-    config = load_config(settings.config)
+    config = load_config(settings.config, allow_empty=allow_empty)
     return build_snapshot(config, generation, source=str(settings.config))
 
 
@@ -136,9 +138,12 @@ class Gateway:
         """Rebuild the snapshot from the file and swap it in; keep the old on error."""
         assert self.snapshot is not None
         try:
-            snapshot = load_snapshot(self.settings, self.snapshot.generation + 1)
+            snapshot = load_snapshot(
+                self.settings, self.snapshot.generation + 1, allow_empty=False
+            )
         except ConfigError as exc:
-            self.metrics.reload(False)
+            if self.serve_proxy:
+                self.metrics.reload(False)
             log.error(
                 "config reload refused; the previous config stays",
                 source=str(self.settings.config),
@@ -146,15 +151,19 @@ class Gateway:
             )
             return False
         except OSError as exc:
-            self.metrics.reload(False)
+            if self.serve_proxy:
+                self.metrics.reload(False)
             log.error("config reload failed: cannot read the file", error=str(exc))
             return False
         self.snapshot = snapshot
         if self.plane is not None:
             self.plane.swap(snapshot)
         self.reloads += 1
-        self.metrics.reload(True)
-        log.info("config reloaded", generation=snapshot.generation, **snapshot.summary())
+        # With workers, the parent reloads too (for /health and /status); only the
+        # data-plane processes count, so that one change counts once per worker.
+        if self.serve_proxy:
+            self.metrics.reload(True)
+        log.info("config reloaded", **snapshot.summary())
         return True
 
     async def stop(self) -> int:

@@ -66,6 +66,8 @@ class DataPlane:
         self.pools = PoolManager()
         self.connections: set[ClientConnection] = set()
         self.draining = False
+        # Why connections are being cut, for the access log of their requests.
+        self.abort_reason: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.TimerHandle | None = None
@@ -114,15 +116,20 @@ class DataPlane:
     # ---- config --------------------------------------------------------------------
 
     def swap(self, snapshot: Snapshot) -> None:
-        """Make `snapshot` current. Requests already running keep theirs."""
+        """Make `snapshot` current. Requests already running keep theirs; a retired
+        snapshot's plugins are closed once no request uses it (see _sweep)."""
         old, self.snapshot = self.snapshot, snapshot
         self._retired.append(old)
-        # Plugins of a retired snapshot are closed once no connection could still
-        # be using it: after the longest keep-alive a request could be running.
-        self.loop.call_later(self.settings.shutdown_timeout + 1, self._close_retired, old)
 
-    def _close_retired(self, snapshot: Snapshot) -> None:
-        if snapshot in self._retired:
+    def _close_unused_retired(self) -> None:
+        # Checked a few times a second, only while a retired snapshot exists, so
+        # requests pay no reference counting for a rare event.
+        in_use = {
+            id(ex.snapshot)
+            for conn in self.connections
+            for ex in (*conn.queue, *((conn.relay,) if conn.relay is not None else ()))
+        }
+        for snapshot in [s for s in self._retired if id(s) not in in_use]:
             self._retired.remove(snapshot)
             snapshot.close()
 
@@ -144,6 +151,8 @@ class DataPlane:
         self._ticks += 1
         if self._ticks % POOL_SWEEP_EVERY == 0:
             self.pools.sweep(now)
+            if self._retired:
+                self._close_unused_retired()
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     # ---- shutdown ------------------------------------------------------------------
@@ -162,8 +171,14 @@ class DataPlane:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._all_closed.wait(), grace)
         cut = len(self.connections)
+        self.abort_reason = "shutdown_deadline"
         for conn in list(self.connections):
             conn.abort()
+        if cut:
+            # Let the aborted connections end their requests (log phase included)
+            # before the plugins that log them are closed.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), 1.0)
         for server in self._servers:
             await server.wait_closed()
         if self._sweeper is not None:

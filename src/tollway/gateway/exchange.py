@@ -377,12 +377,14 @@ class Exchange:
         self._write_head(ResponseHead(status, headers, reason), content_length)
 
     def upstream_body(self, data: bytes) -> None:
+        # The read deadline tracks the upstream's progress, whatever a body filter
+        # (gzip) holds back from the client for now.
+        self.conn.refresh_deadline()
         if self.filters is not None:
             data = self.filters.feed(data)
             if not data:
                 return
         self._write_client_body(data)
-        self.conn.refresh_deadline()
 
     def upstream_complete(self, keep_alive: bool) -> None:
         upstream, self.upstream = self.upstream, None
@@ -580,11 +582,11 @@ class Exchange:
         else:
             self._fail_client(f"{kind}_timeout")
 
-    def client_gone(self) -> None:
+    def client_gone(self, reason: str = "client_closed") -> None:
         if self.finished:
             return
         self._abort_upstream()
-        self.ctx.aborted = "client_closed"
+        self.ctx.aborted = reason
         if not self.ctx.status:
             self.ctx.status = 499  # nginx's code for "client closed request", logs only
         self._finish(notify_client=False)

@@ -120,7 +120,7 @@ class ClientConnection(asyncio.Protocol):
         if relay is not None:
             relay.client_relay_closed()
         while self.queue:
-            self.queue.popleft().client_gone()
+            self.queue.popleft().client_gone(self.plane.abort_reason or "client_closed")
 
     def data_received(self, data: bytes) -> None:
         relay = self.relay

@@ -216,6 +216,12 @@ class Cors(Plugin[CorsConfig]):
     def response_headers(self, ctx: RequestContext, head: ResponseHead) -> None:
         headers: Headers | None = ctx.vars.get(_VARS_KEY)
         if headers is None:
+            # The gateway's origin list is the policy: an upstream's own CORS grant
+            # must not open the door to an origin the gateway did not allow.
+            if any(name.startswith(b"access-control-") for name, _ in head.headers):
+                head.headers[:] = [
+                    h for h in head.headers if not h[0].startswith(b"access-control-")
+                ]
             if not self._star:
                 # The answer would differ for another Origin: caches must know.
                 header_add_vary(head.headers, b"Origin")
