@@ -268,6 +268,9 @@ class Exchange:
             or self.upgrade is not None or ctx.method == "HEAD"
         )
         upstream.send_head(self, self._request_head(), ctx.method == "HEAD", raw)
+        if self.conn.write_paused:
+            # The client is still not reading an earlier response on this connection.
+            upstream.pause_reading()
         if self.body_buf:
             chunks, self.body_buf, self.body_buf_size = self.body_buf, [], 0
             for chunk in chunks:
@@ -304,7 +307,11 @@ class Exchange:
 
     def _arm_read_timeout(self) -> None:
         if self.request_done and self.service is not None and not self.finished:
-            self.conn.set_deadline("upstream", self.read_timeout())
+            conn = self.conn
+            if conn.write_paused:
+                conn.set_deadline("send", conn.settings.body_timeout)
+            else:
+                conn.set_deadline("upstream", self.read_timeout())
 
     def read_timeout(self) -> float:
         return self.timeouts.read
@@ -381,7 +388,12 @@ class Exchange:
         # (gzip) holds back from the client for now.
         self.conn.refresh_deadline()
         if self.filters is not None:
-            data = self.filters.feed(data)
+            try:
+                data = self.filters.feed(data)
+            except Exception:  # a plugin bug: cut this response, keep the gateway
+                log.exception("body filter failed", request_id=self.ctx.request_id)
+                self._fail_client("body_filter_failed")
+                return
             if not data:
                 return
         self._write_client_body(data)
@@ -393,7 +405,14 @@ class Exchange:
                 upstream.close()
             return
         if self.filters is not None:
-            self._flush_filters()
+            try:
+                self._flush_filters()
+            except Exception:
+                log.exception("body filter failed", request_id=self.ctx.request_id)
+                if upstream is not None:
+                    upstream.close()
+                self._fail_client("body_filter_failed")
+                return
         if self.resp_chunked:
             self.out.append(b"0\r\n\r\n")
         self.flush_output()
@@ -423,7 +442,9 @@ class Exchange:
         if writable:
             conn.resume_reading(conn.PAUSE_UPSTREAM)
             if conn.deadline_kind == "upstream_write":
-                if self.request_done:
+                if conn.relay is self:
+                    conn.set_deadline("relay", conn.settings.websocket_idle_timeout)
+                elif self.request_done:
                     conn.set_deadline("upstream", self.read_timeout())
                 else:
                     conn.set_deadline("body", conn.settings.body_timeout)

@@ -338,6 +338,11 @@ class ClientConnection(asyncio.Protocol):
     def _start(self, exchange: Exchange) -> None:
         if exchange.body_pending:
             self.set_deadline("body", self.settings.body_timeout)
+        else:
+            # Until the exchange arms its upstream deadline, none of an earlier
+            # request's (pipelining) or of the header phase applies.
+            self.deadline = 0.0
+            self.deadline_kind = ""
         exchange.start()
 
     def exchange_done(self, exchange: Exchange) -> None:
@@ -346,6 +351,8 @@ class ClientConnection(asyncio.Protocol):
             self.queue.popleft()
         if self.relay is exchange:
             self.relay = None
+        # Pauses this exchange asked for end with it; the next one re-pauses if needed.
+        self.resume_reading(self.PAUSE_BODY | self.PAUSE_UPSTREAM)
         if exchange.close_after or self.plane.draining:
             if exchange is self.parsing and exchange.body_pending and not self._eof:
                 # The client is still sending this request's body: read and drop it

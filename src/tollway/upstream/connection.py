@@ -175,8 +175,11 @@ class UpstreamConnection(asyncio.Protocol):
             if self.owner is owner:
                 owner.flush_output()
         except httptools.HttpParserUpgrade as exc:
+            if not self.relay or self.owner is not owner:
+                # A 101 nobody asked for: what follows is not ours to pass on.
+                self._fail(UpstreamProtocolError("unexpected 101 response"))
+                return
             offset = exc.args[0] if exc.args else len(data)
-            self.relay = True
             owner.upstream_upgraded(data[offset:])
         except httptools.HttpParserError as exc:
             self._fail(UpstreamProtocolError(f"invalid response from upstream: {exc}"))
@@ -207,6 +210,12 @@ class UpstreamConnection(asyncio.Protocol):
             self.owner.upstream_writable(True)
 
     # ---- httptools callbacks -------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.owner is None:
+            # A second response after the one we asked for, in the same packet:
+            # this connection is out of step and must never be reused.
+            raise UpstreamProtocolError("bytes after the response")
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
@@ -255,7 +264,12 @@ class UpstreamConnection(asyncio.Protocol):
         status: int = self._parser.get_status_code()
         buf = self._head_data
         start = self._head_start
+        while buf[start : start + 1] in (b"\r", b"\n"):
+            start += 1  # llhttp tolerates empty lines before a status line
         end = buf.find(b"\r\n\r\n", start)
+        if status == 101:
+            # Raw mode is never used for upgrade requests: a 101 here is unasked.
+            raise UpstreamProtocolError("unexpected 101 response")
         if 100 <= status < 200:
             # An interim answer (100 Continue): skip its head; the final one follows.
             self._informational = True
@@ -320,9 +334,10 @@ class UpstreamConnection(asyncio.Protocol):
 class _RawCallbacks:
     """The callbacks of the raw parser: the connection's own, minus on_header."""
 
-    __slots__ = ("on_body", "on_headers_complete", "on_message_complete")
+    __slots__ = ("on_body", "on_headers_complete", "on_message_begin", "on_message_complete")
 
     def __init__(self, conn: UpstreamConnection) -> None:
+        self.on_message_begin = conn.on_message_begin
         self.on_headers_complete = conn._on_raw_headers_complete
         self.on_body = conn.on_body
         self.on_message_complete = conn.on_message_complete

@@ -81,6 +81,10 @@ class ConnectionPool:
             self.open -= 1
             self._wake()
             raise UpstreamConnectError(f"connect to {target.key}: {exc.strerror or exc}") from exc
+        except asyncio.CancelledError:
+            self.open -= 1  # or the slot would stay taken for good
+            self._wake()
+            raise
         return conn
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
