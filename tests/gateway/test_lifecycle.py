@@ -192,12 +192,28 @@ async def test_workers_share_the_port_and_metrics_add_up(tmp_path: Path) -> None
         config = tmp_path / "tollway.yaml"
         config.write_text(route_config(upstream))
         with GatewayProcess(config, workers=2) as gw:
-            total = 200
-            # New connections each time so that SO_REUSEPORT spreads them.
-            for _ in range(total // 20):
+            assert gw.proc is not None
+            metrics_dir = tmp_path / "data" / "metrics"
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+
+            def both_served() -> bool:
+                # Each worker writes its own counter file once it counted a request.
+                children = _children(gw.proc.pid)  # type: ignore[union-attr]
+                return len(children) == 2 and all(
+                    (metrics_dir / f"counter_{pid}.db").exists() for pid in children
+                )
+
+            total = 0
+            # New connections each batch so that SO_REUSEPORT spreads them; a worker
+            # still starting up gets its share once it listens.
+            while not both_served():
+                assert loop.time() < deadline, "one worker never served a request"
                 async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.port}") as c:
                     rs = await asyncio.gather(*(c.get("/api/x") for _ in range(20)))
-                    assert all(r.status_code == 200 for r in rs)
+                assert all(r.status_code == 200 for r in rs)
+                total += 20
+                await asyncio.sleep(0.1)  # lets the workers' one-second flush run
 
             async with httpx.AsyncClient(
                 base_url=f"http://127.0.0.1:{gw.admin_port}"
@@ -213,18 +229,10 @@ async def test_workers_share_the_port_and_metrics_add_up(tmp_path: Path) -> None
                         )
                     )
 
-                loop = asyncio.get_running_loop()
-                deadline = loop.time() + 10
                 while (n := await counted()) < total:
                     assert loop.time() < deadline, f"metrics show {n} of {total} requests"
                     await asyncio.sleep(0.1)
                 assert n == total
-            # Both workers served: each wrote its own counter file (multiprocess mode).
-            assert gw.proc is not None
-            children = _children(gw.proc.pid)
-            assert len(children) == 2
-            metrics_dir = tmp_path / "data" / "metrics"
-            assert all((metrics_dir / f"counter_{pid}.db").exists() for pid in children)
 
 
 def _children(pid: int) -> list[int]:
