@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from support.client import exchange_raw, parse_responses
-from support.gateway import running_gateway
+from support.gateway import api_config, running_gateway
 from support.upstream import Handler, Received, RecordingUpstream, Reply, echo
 
 pytestmark = pytest.mark.timeout(30)
@@ -598,7 +598,7 @@ async def test_encoded_slash_is_not_a_segment_separator(tmp_path: Path) -> None:
 
 async def test_oversized_trailers_are_refused(tmp_path: Path) -> None:
     async with RecordingUpstream() as upstream, running_gateway(
-        tmp_path, _trailer_config(upstream), max_header_bytes=2048
+        tmp_path, api_config(upstream.url), max_header_bytes=2048
     ) as gw:
         trailer = b"X-Pad: " + b"a" * 4096 + b"\r\n"
         raw = await exchange_raw(
@@ -609,15 +609,3 @@ async def test_oversized_trailers_are_refused(tmp_path: Path) -> None:
         (response,) = parse_responses(raw)
         assert response.status == 400
         assert response.header("connection") == "close"
-
-
-def _trailer_config(upstream: RecordingUpstream) -> str:
-    return f"""
-services:
-  - name: up
-    url: {upstream.url}
-routes:
-  - name: api
-    service: up
-    paths: [/api]
-"""

@@ -12,25 +12,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from support.gateway import GatewayProcess, running_gateway
+from support.gateway import GatewayProcess, api_config, running_gateway
 from support.upstream import Received, RecordingUpstream, Reply
 
 
 def route_config(upstream: RecordingUpstream, tag: str = "a") -> str:
-    return f"""
-services:
-  - name: up
-    url: {upstream.url}
-routes:
-  - name: api
-    service: up
-    paths: [/api]
-plugins:
-  - name: response-transformer
-    config:
-      add:
-        headers: ["x-config: {tag}"]
-"""
+    plugins = (
+        "plugins:\n  - name: response-transformer\n    config:\n"
+        f'      add:\n        headers: ["x-config: {tag}"]\n'
+    )
+    return api_config(upstream.url, plugins)
 
 
 async def wait_until(condition, timeout: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]

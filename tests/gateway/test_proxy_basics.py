@@ -5,20 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from support.client import exchange_raw, parse_responses
-from support.gateway import running_gateway
+from support.gateway import api_config, running_gateway
 from support.upstream import RecordingUpstream
 
 
 def config_for(upstream: RecordingUpstream) -> str:
-    return f"""
-services:
-  - name: up
-    url: {upstream.url}
-routes:
-  - name: api
-    service: up
-    paths: [/api]
-"""
+    return api_config(upstream.url)
 
 
 async def test_get_is_proxied_and_connection_reused(tmp_path: Path) -> None:

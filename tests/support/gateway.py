@@ -17,6 +17,19 @@ from tollway.gateway.app import Gateway
 from tollway.settings import Settings
 
 
+def api_config(upstream_url: str, plugins: str = "") -> str:
+    """The usual test config: one service, one route on /api, optional plugins YAML."""
+    return f"""
+services:
+  - name: up
+    url: {upstream_url}
+routes:
+  - name: api
+    service: up
+    paths: [/api]
+{plugins}"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,20 +2,7 @@
 
 from __future__ import annotations
 
-from tollway.plugins import (
-    access_log,
-    compression,
-    cors,
-    header_transformer,
-    ip_restriction,
-    parameter_pollution,
-    request_id,
-    request_size_limiting,
-    security_headers,
-    trusted_hosts,
-)
-
-MODULES = (
+from tollway.plugins import (  # noqa: F401 (importing a plugin module registers it)
     access_log,
     compression,
     cors,
