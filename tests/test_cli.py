@@ -197,9 +197,9 @@ def test_quickstart_serves_the_demo_for_real(tmp_path: Path) -> None:
     import time
     import urllib.request
 
-    from support.gateway import free_port
+    from support.gateway import free_ports
 
-    port, admin_port, upstream_port = free_port(), free_port(), free_port()
+    port, admin_port, upstream_port = free_ports(3)
     log = (tmp_path / "quickstart.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tollway", "quickstart", "--port", str(port),

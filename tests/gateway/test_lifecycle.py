@@ -340,3 +340,34 @@ async def test_request_cut_at_shutdown_is_logged(tmp_path: Path) -> None:
         await client.aclose()
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(r["path"], r["aborted"]) for r in lines] == [("/api/cut", "shutdown_deadline")]
+
+
+def _processes_serving(config: Path) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(config).encode() in args and b"serve" in args:
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+async def test_workers_never_outlive_a_parent_that_fails_to_start(tmp_path: Path) -> None:
+    import socket
+
+    async with RecordingUpstream() as upstream:
+        config = tmp_path / "tollway.yaml"
+        config.write_text(route_config(upstream))
+        proc = GatewayProcess(config, workers=2)
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", proc.admin_port))
+            taken.listen()
+            proc.spawn()
+            assert await asyncio.to_thread(proc.wait, 30) == 1
+        assert "address already in use" in proc.stderr()
+        assert "Traceback" not in proc.stderr()
+        # The parent could not serve its admin port; its workers went with it.
+        await wait_until(lambda: not _processes_serving(config), what="the workers to exit")
+        proc.kill()

@@ -31,9 +31,19 @@ routes:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports (held together while chosen, so never the same twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @contextlib.asynccontextmanager
@@ -67,8 +77,7 @@ class GatewayProcess:
 
     def __init__(self, config: Path, env: dict[str, str] | None = None, workers: int = 1,
                  data_dir: Path | None = None) -> None:
-        self.port = free_port()
-        self.admin_port = free_port()
+        self.port, self.admin_port = free_ports(2)
         self.config = config
         defaults = {
             "TOLLWAY_LOG_LEVEL": "warning",
@@ -82,15 +91,9 @@ class GatewayProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> GatewayProcess:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tollway", "serve", "--config", str(self.config),
-             "--host", "127.0.0.1", "--port", str(self.port),
-             "--admin-host", "127.0.0.1", "--admin-port", str(self.admin_port),
-             "--workers", str(self.workers)],
-            # A file, not a pipe: nobody reads a pipe while the test runs, and a
-            # full pipe would block the gateway's logging.
-            env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-        )
+        """Spawn and wait until both ports accept connections."""
+        self.spawn()
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -102,6 +105,19 @@ class GatewayProcess:
             time.sleep(0.05)  # polling for the port to open; nothing to wait on
         self.kill()
         raise RuntimeError("gateway did not start in time")
+
+    def spawn(self) -> GatewayProcess:
+        """Start the process without waiting for it to listen."""
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tollway", "serve", "--config", str(self.config),
+             "--host", "127.0.0.1", "--port", str(self.port),
+             "--admin-host", "127.0.0.1", "--admin-port", str(self.admin_port),
+             "--workers", str(self.workers)],
+            # A file, not a pipe: nobody reads a pipe while the test runs, and a
+            # full pipe would block the gateway's logging.
+            env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        return self
 
     def stderr(self) -> str:
         """The last lines the process wrote (stdout and stderr)."""

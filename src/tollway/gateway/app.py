@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ import structlog
 import uvloop
 
 from tollway.admin.app import AdminState, create_admin_app
-from tollway.admin.server import EmbeddedServer
+from tollway.admin.server import EmbeddedServer, ServerStartError
 from tollway.config.errors import ConfigError
 from tollway.config.loader import load_config
 from tollway.config.reload import ConfigWatcher
@@ -36,6 +39,8 @@ from tollway.settings import Settings
 from tollway.upstream.probe import probe_services
 
 log = structlog.get_logger("tollway.app")
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def load_snapshot(
@@ -271,7 +276,7 @@ def serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> int
         return 2
     if settings.workers == 1:
         metrics_mod.setup_multiprocess(None)
-        return uvloop.run(_run_single(settings, on_ready))
+        return _startup_errors_as_exit(lambda: uvloop.run(_run_single(settings, on_ready)))
     metrics_dir = Path(settings.data_dir) / "metrics"
     metrics_mod.setup_multiprocess(metrics_dir)
     children: list[int] = []
@@ -280,8 +285,57 @@ def serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> int
         if pid == 0:
             code = 1
             try:
+                _die_with_parent()
                 code = uvloop.run(_run_worker(settings))
             finally:
                 os._exit(code)
         children.append(pid)
-    return uvloop.run(_run_parent(settings, children, on_ready))
+    try:
+        return _startup_errors_as_exit(
+            lambda: uvloop.run(_run_parent(settings, children, on_ready))
+        )
+    finally:
+        # However the parent ends (its admin port taken, a crash), no worker may
+        # outlive it holding the proxy port.
+        _end_children(children, settings.shutdown_timeout + 5)
+
+
+def _startup_errors_as_exit(run: Callable[[], int]) -> int:
+    """A port that cannot be bound is an operator's problem to read, not a traceback."""
+    try:
+        return run()
+    except (ServerStartError, OSError) as exc:
+        log.error("tollway could not start", error=str(exc))
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel send SIGTERM to this worker when its parent dies."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return  # not Linux: the parent's own cleanup still ends its workers
+    if os.getppid() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)  # the parent died before prctl ran
+
+
+def _end_children(children: list[int], grace: float) -> None:
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while children and time.monotonic() < deadline:
+        for pid in list(children):
+            with contextlib.suppress(ChildProcessError):
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if not done:
+                    continue
+            children.remove(pid)
+        time.sleep(0.05)  # outside any event loop: polling child exits
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
