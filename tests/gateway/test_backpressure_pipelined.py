@@ -8,17 +8,8 @@ import asyncio
 import socket
 from pathlib import Path
 
-from support.gateway import running_gateway
+from support.gateway import api_config, running_gateway
 
-CFG = """
-services:
-  - name: up
-    url: http://127.0.0.1:{port}
-routes:
-  - name: api
-    service: up
-    paths: [/api]
-"""
 SMALL = 200 * 1024
 BIG = 64 * 1024 * 1024
 
@@ -49,7 +40,7 @@ async def test_backpressure_reaches_next_pipelined_exchange(tmp_path: Path) -> N
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        async with running_gateway(tmp_path, CFG.format(port=port)) as gw:
+        async with running_gateway(tmp_path, api_config(f"http://127.0.0.1:{port}")) as gw:
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.connect(("127.0.0.1", gw.port))

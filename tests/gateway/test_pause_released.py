@@ -9,18 +9,8 @@ import asyncio
 from pathlib import Path
 
 from support.client import parse_responses
-from support.gateway import running_gateway
+from support.gateway import api_config, running_gateway
 from support.upstream import Received, RecordingUpstream, Reply, echo
-
-CFG = """
-services:
-  - name: up
-    url: {url}
-routes:
-  - name: api
-    service: up
-    paths: [/api]
-"""
 
 
 async def test_next_request_is_read_after_gateway_answer(tmp_path: Path) -> None:
@@ -30,7 +20,7 @@ async def test_next_request_is_read_after_gateway_answer(tmp_path: Path) -> None
 
     async with (
         RecordingUpstream(slow) as up,
-        running_gateway(tmp_path, CFG.format(url=up.url)) as gw,
+        running_gateway(tmp_path, api_config(up.url)) as gw,
     ):
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         body = b"x" * (100 * 1024)

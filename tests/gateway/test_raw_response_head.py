@@ -9,19 +9,8 @@ from pathlib import Path
 import pytest
 
 from support.client import exchange_raw, parse_responses
-from support.gateway import running_gateway
+from support.gateway import api_config, running_gateway
 from support.upstream import Received, RecordingUpstream, Reply
-
-CFG = """
-services:
-  - name: up
-    url: {url}
-routes:
-  - name: api
-    service: up
-    paths: [/api]
-{plugins}
-"""
 
 RESP = [
     # llhttp tolerates empty lines before the status line.
@@ -57,7 +46,7 @@ async def test_raw_variants(tmp_path: Path, split: int, idx: int, plugins: str) 
 
     async with (
         RecordingUpstream(handler) as up,
-        running_gateway(tmp_path, CFG.format(url=up.url, plugins=plugins)) as gw,
+        running_gateway(tmp_path, api_config(up.url, plugins)) as gw,
     ):
         for _ in range(2):
             raw = await exchange_raw(

@@ -17,9 +17,11 @@ import asyncio
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from support.client import closed_by_server, exchange_raw, parse_responses
 from support.gateway import free_port, running_gateway
@@ -83,37 +85,38 @@ async def test_upstream_closing_without_answer_is_502(tmp_path: Path) -> None:
         assert len(up.requests) == 1
 
 
-async def test_upstream_reset_without_answer_is_502(tmp_path: Path) -> None:
+async def _reset(reply: Reply) -> None:
+    reply.abort()
+
+
+async def _garbage(reply: Reply) -> None:
+    reply.raw(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+
+
+async def _malformed_header(reply: Reply) -> None:
+    reply.raw(b"HTTP/1.1 200 OK\r\nContent-Length: 12, 13\r\n\r\nhello")
+
+
+@pytest.mark.parametrize(
+    ("answer", "code"),
+    [
+        (_reset, "upstream_unavailable"),
+        (_garbage, "upstream_bad_response"),
+        (_malformed_header, "upstream_bad_response"),
+    ],
+    ids=["reset-without-answer", "garbage", "malformed-header"],
+)
+async def test_broken_answer_is_502(
+    tmp_path: Path, answer: Callable[[Reply], Awaitable[None]], code: str
+) -> None:
     async def handler(req: Received, reply: Reply) -> None:
-        reply.abort()
+        await answer(reply)
 
     async with RecordingUpstream(handler) as up, running_gateway(
         tmp_path, config_for(up.url)
     ) as gw:
         raw = await exchange_raw(gw.port, GET, expect=1)
-        envelope(raw, 502, "upstream_unavailable")
-
-
-async def test_garbage_answer_is_502_bad_response(tmp_path: Path) -> None:
-    async def handler(req: Received, reply: Reply) -> None:
-        reply.raw(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
-
-    async with RecordingUpstream(handler) as up, running_gateway(
-        tmp_path, config_for(up.url)
-    ) as gw:
-        raw = await exchange_raw(gw.port, GET, expect=1)
-        envelope(raw, 502, "upstream_bad_response")
-
-
-async def test_malformed_header_answer_is_502_bad_response(tmp_path: Path) -> None:
-    async def handler(req: Received, reply: Reply) -> None:
-        reply.raw(b"HTTP/1.1 200 OK\r\nContent-Length: 12, 13\r\n\r\nhello")
-
-    async with RecordingUpstream(handler) as up, running_gateway(
-        tmp_path, config_for(up.url)
-    ) as gw:
-        raw = await exchange_raw(gw.port, GET, expect=1)
-        envelope(raw, 502, "upstream_bad_response")
+        envelope(raw, 502, code)
 
 
 async def test_silent_upstream_is_504_after_read_timeout(tmp_path: Path) -> None:

@@ -6,20 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from support.client import exchange_raw, parse_responses
-from support.gateway import running_gateway
+from support.gateway import api_config, running_gateway
 from support.upstream import Received, RecordingUpstream, Reply
 
-CFG = """
-services:
-  - name: up
-    url: {url}
-routes:
-  - name: api
-    service: up
-    paths: [/api]
-plugins:
-  - name: security-headers
-"""
+# A response plugin, so that the full (header-list) path reads the head.
+PLUGINS = "plugins:\n  - name: security-headers\n"
 
 
 async def test_trailing_bytes_after_response_poison_pooled_connection(tmp_path: Path) -> None:
@@ -40,7 +31,7 @@ async def test_trailing_bytes_after_response_poison_pooled_connection(tmp_path: 
 
     async with (
         RecordingUpstream(handler) as up,
-        running_gateway(tmp_path, CFG.format(url=up.url)) as gw,
+        running_gateway(tmp_path, api_config(up.url, PLUGINS)) as gw,
     ):
         r1 = parse_responses(
             await exchange_raw(gw.port, b"GET /api/a HTTP/1.1\r\nHost: a\r\n\r\n", expect=1)

@@ -11,19 +11,8 @@ from pathlib import Path
 import pytest
 
 from support.client import parse_responses
-from support.gateway import running_gateway
+from support.gateway import api_config, running_gateway
 from support.upstream import Received, RecordingUpstream, Reply
-
-CFG = """
-services:
-  - name: up
-    url: {url}
-routes:
-  - name: api
-    service: up
-    paths: [/api]
-{plugins}
-"""
 
 
 @pytest.mark.parametrize("plugins", ["", "plugins:\n  - name: security-headers"])
@@ -39,7 +28,7 @@ async def test_unexpected_101_is_a_502_and_nothing_else(tmp_path: Path, plugins:
         RecordingUpstream(handler) as up,
         running_gateway(
             tmp_path,
-            CFG.format(url=up.url, plugins=plugins),
+            api_config(up.url, plugins),
         ) as gw,
     ):
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)

@@ -20,6 +20,7 @@ features are not implemented.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any
 from urllib.parse import quote, unquote_to_bytes
 
@@ -99,8 +100,12 @@ HeaderRenames = Annotated[Pairs, BeforeValidator(_to_pairs), AfterValidator(_hea
 QueryPairs = Annotated[Pairs, BeforeValidator(_to_pairs), AfterValidator(_query_pairs)]
 
 
-class _HeaderOps:
-    """Compiled header operations, applied in place to a header list."""
+class _Ops:
+    """remove / rename / replace / add / append, compiled to bytes once.
+
+    `fold` normalizes names: header names compare case-insensitively, query
+    parameter names exactly.
+    """
 
     __slots__ = ("_add", "_append", "_remove", "_rename", "_replace", "empty")
 
@@ -111,13 +116,14 @@ class _HeaderOps:
         replace: Pairs,
         add: Pairs,
         append: Pairs,
+        fold: Callable[[str], str],
     ) -> None:
         def enc(pairs: Pairs) -> tuple[tuple[bytes, bytes], ...]:
-            return tuple((n.lower().encode(), v.encode()) for n, v in pairs)
+            return tuple((fold(n).encode(), v.encode()) for n, v in pairs)
 
-        self._remove = frozenset(n.lower().encode() for n in remove)
+        self._remove = frozenset(fold(n).encode() for n in remove)
         self._rename = tuple(
-            (o.lower().encode(), n.lower().encode()) for o, n in rename if o.lower() != n.lower()
+            (fold(o).encode(), fold(n).encode()) for o, n in rename if fold(o) != fold(n)
         )
         self._replace = enc(replace)
         self._add = enc(add)
@@ -125,6 +131,16 @@ class _HeaderOps:
         self.empty = not (
             self._remove or self._rename or self._replace or self._add or self._append
         )
+
+
+def _exact(name: str) -> str:
+    return name
+
+
+class _HeaderOps(_Ops):
+    """Header operations, applied in place to a header list."""
+
+    __slots__ = ()
 
     def apply(self, headers: Headers) -> None:
         if self._remove and any(k in self._remove for k, _ in headers):
@@ -160,30 +176,10 @@ def _qsegment(name: bytes, value: bytes) -> bytes:
     return quote(name, safe="").encode() + b"=" + quote(value, safe="").encode()
 
 
-class _QueryOps:
-    """Compiled query-string operations on the raw query bytes."""
+class _QueryOps(_Ops):
+    """Query-string operations on the raw query bytes."""
 
-    __slots__ = ("_add", "_append", "_remove", "_rename", "_replace", "empty")
-
-    def __init__(
-        self,
-        remove: tuple[str, ...],
-        rename: Pairs,
-        replace: Pairs,
-        add: Pairs,
-        append: Pairs,
-    ) -> None:
-        def enc(pairs: Pairs) -> tuple[tuple[bytes, bytes], ...]:
-            return tuple((n.encode(), v.encode()) for n, v in pairs)
-
-        self._remove = frozenset(n.encode() for n in remove)
-        self._rename = tuple((o, n) for o, n in enc(rename) if o != n)
-        self._replace = enc(replace)
-        self._add = enc(add)
-        self._append = enc(append)
-        self.empty = not (
-            self._remove or self._rename or self._replace or self._add or self._append
-        )
+    __slots__ = ()
 
     def apply(self, query: bytes) -> bytes:
         # Segments are (decoded name, raw bytes); untouched ones are re-joined as is.
@@ -268,7 +264,8 @@ class RequestTransformer(Plugin[RequestTransformerConfig]):
         super().__init__(config)
         c = config
         self._headers = _HeaderOps(
-            c.remove.headers, c.rename.headers, c.replace.headers, c.add.headers, c.append.headers
+            c.remove.headers, c.rename.headers, c.replace.headers, c.add.headers,
+            c.append.headers, str.lower,
         )
         self._query = _QueryOps(
             c.remove.querystring,
@@ -276,6 +273,7 @@ class RequestTransformer(Plugin[RequestTransformerConfig]):
             c.replace.querystring,
             c.add.querystring,
             c.append.querystring,
+            _exact,
         )
 
     def access(self, ctx: RequestContext) -> Response | None:
@@ -296,7 +294,8 @@ class ResponseTransformer(Plugin[ResponseTransformerConfig]):
         super().__init__(config)
         c = config
         self._headers = _HeaderOps(
-            c.remove.headers, c.rename.headers, c.replace.headers, c.add.headers, c.append.headers
+            c.remove.headers, c.rename.headers, c.replace.headers, c.add.headers,
+            c.append.headers, str.lower,
         )
 
     def response_headers(self, ctx: RequestContext, head: ResponseHead) -> None:
