@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -41,3 +41,27 @@ class Settings(BaseSettings):
 
     # Seconds between checks of the config file's modification time (0: never).
     reload_poll_interval: float = Field(default=1.0, ge=0)
+
+    # Storage. Unset: a SQLite file in data_dir. postgresql+asyncpg://... for PostgreSQL.
+    database_url: str | None = None
+    # redis://host:port/db: shared limits, cache invalidation across nodes. Unset: none.
+    redis_url: str | None = None
+    # HMAC pepper for API keys. Unset: generated once into data_dir/key_pepper.
+    key_pepper: SecretStr | None = None
+    # Bearer token for the admin API. Unset: generated once into data_dir/admin_token.
+    admin_token: SecretStr | None = None
+
+    # API key cache (per worker): entries, seconds a hit / a miss stays cached, and
+    # how often the database's invalidation outbox is polled (the 1 s refusal bound).
+    key_cache_size: int = Field(default=100_000, ge=1)
+    key_cache_ttl: float = Field(default=60.0, gt=0)
+    key_cache_negative_ttl: float = Field(default=10.0, gt=0)
+    invalidation_poll_interval: float = Field(default=0.25, gt=0)
+    # Seconds between batched writes of keys' last_used_at.
+    last_used_flush_interval: float = Field(default=10.0, gt=0)
+
+    # Usage records: queue bound (oldest dropped past it), batch size and delay.
+    usage_queue_size: int = Field(default=100_000, ge=1)
+    usage_batch_size: int = Field(default=1000, ge=1)
+    usage_flush_interval: float = Field(default=0.5, gt=0)
+    usage_retention_days: int = Field(default=30, ge=1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request, Response
 
@@ -17,6 +17,9 @@ from tollway import __version__
 from tollway.admin.envelope import error_response, install_error_handlers, request_id_of
 from tollway.observability.health import HealthRegistry
 from tollway.settings import Settings
+
+if TYPE_CHECKING:
+    from tollway.runtime import Runtime
 
 _ENVELOPE_DOC = {"description": "Error envelope (`responseStatus: error`)"}
 
@@ -29,6 +32,8 @@ class AdminState:
     metrics_render: Callable[[], tuple[bytes, str]]
     # The loaded config snapshot: version/generation, loaded_at, counts.
     snapshot_info: Callable[[], dict[str, Any]]
+    # Database and shared services; None only in tests of the bare admin app.
+    runtime: Runtime | None = None
 
 
 def create_admin_app(state: AdminState) -> FastAPI:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tollway.config.errors import ConfigError, ConfigIssue
 from tollway.config.loader import check_references
@@ -23,6 +23,9 @@ from tollway.gateway.pipeline import Chain
 from tollway.gateway.router import Route, Router
 from tollway.plugins.base import Plugin, load_builtin_plugins
 from tollway.upstream.service import Service
+
+if TYPE_CHECKING:
+    from tollway.runtime import Runtime
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,6 +62,7 @@ def build_snapshot(
     generation: int = 1,
     internal_sockets: dict[str, str] | None = None,
     source: str | None = None,
+    runtime: Runtime | None = None,
 ) -> Snapshot:
     """Compile a config; raises ConfigError naming every problem found.
 
@@ -86,6 +90,8 @@ def build_snapshot(
             issues.append(ConfigIssue(f"plugins[{i}].config", str(exc)))
             continue
         if entry.enabled:
+            if runtime is not None:
+                plugin.bind(runtime)
             instances.append((entry, plugin))
     if issues:
         raise ConfigError(issues, source)

@@ -35,7 +35,9 @@ from tollway.gateway.dataplane import DataPlane
 from tollway.observability import metrics as metrics_mod
 from tollway.observability.health import HealthRegistry
 from tollway.observability.logging import configure_logging
+from tollway.runtime import Runtime, database_for, open_runtime
 from tollway.settings import Settings
+from tollway.storage.migrate import upgrade
 from tollway.upstream.probe import probe_services
 
 log = structlog.get_logger("tollway.app")
@@ -44,13 +46,16 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def load_snapshot(
-    settings: Settings, generation: int = 1, allow_empty: bool = True
+    settings: Settings,
+    generation: int = 1,
+    allow_empty: bool = True,
+    runtime: Runtime | None = None,
 ) -> Snapshot:
     """Load and compile the configured file (or an empty config)."""
     if settings.config is None:
-        return build_snapshot(GatewayConfig(), generation, source=None)
+        return build_snapshot(GatewayConfig(), generation, source=None, runtime=runtime)
     config = load_config(settings.config, allow_empty=allow_empty)
-    return build_snapshot(config, generation, source=str(settings.config))
+    return build_snapshot(config, generation, source=str(settings.config), runtime=runtime)
 
 
 class Gateway:
@@ -64,11 +69,15 @@ class Gateway:
         serve_proxy: bool = True,
         reuse_port: bool = False,
         metrics: metrics_mod.GatewayMetrics | None = None,
+        migrate: bool = True,
     ) -> None:
         self.settings = settings
         self.serve_admin = serve_admin
         self.serve_proxy = serve_proxy
         self.reuse_port = reuse_port
+        # Workers leave migrations to their parent, which ran them before forking.
+        self.migrate = migrate
+        self.runtime: Runtime | None = None
         self.metrics = metrics or metrics_mod.GatewayMetrics()
         self.health = HealthRegistry(workers=settings.workers)
         self.plane: DataPlane | None = None
@@ -81,7 +90,10 @@ class Gateway:
         self.stopped = asyncio.Event()
 
     async def start(self) -> None:
-        self.snapshot = load_snapshot(self.settings)
+        self.runtime = await open_runtime(
+            self.settings, data_plane=self.serve_proxy, migrate=self.migrate
+        )
+        self.snapshot = load_snapshot(self.settings, runtime=self.runtime)
         self.health.set_config_loaded(True)
         loop = asyncio.get_running_loop()
         if self.serve_proxy:
@@ -100,6 +112,7 @@ class Gateway:
                 health=self.health,
                 metrics_render=self.metrics.render,
                 snapshot_info=self._snapshot_info,
+                runtime=self.runtime,
             )
             self.admin = EmbeddedServer(
                 create_admin_app(state),
@@ -144,7 +157,8 @@ class Gateway:
         assert self.snapshot is not None
         try:
             snapshot = load_snapshot(
-                self.settings, self.snapshot.generation + 1, allow_empty=False
+                self.settings, self.snapshot.generation + 1, allow_empty=False,
+                runtime=self.runtime,
             )
         except ConfigError as exc:
             if self.serve_proxy:
@@ -180,6 +194,9 @@ class Gateway:
             cut = await self.plane.shutdown(self.settings.shutdown_timeout)
         if self.admin is not None:
             await self.admin.stop()
+        if self.runtime is not None:
+            # After the data plane: the last requests' usage records are queued.
+            await self.runtime.close(self.settings.shutdown_timeout)
         self.metrics.stop()
         self.stopped.set()
         return cut
@@ -211,7 +228,7 @@ async def _run_single(settings: Settings, on_ready: Callable[[], None] | None) -
 
 
 async def _run_worker(settings: Settings) -> int:
-    gateway = Gateway(settings, serve_admin=False, reuse_port=True)
+    gateway = Gateway(settings, serve_admin=False, reuse_port=True, migrate=False)
     await gateway.start()
     stop = asyncio.Event()
     _install_stop_signals(asyncio.get_running_loop(), stop)
@@ -224,7 +241,7 @@ async def _run_parent(
     settings: Settings, children: list[int], on_ready: Callable[[], None] | None
 ) -> int:
     """The parent of N workers: admin API, signal forwarding, worker supervision."""
-    gateway = Gateway(settings, serve_proxy=False)
+    gateway = Gateway(settings, serve_proxy=False, migrate=False)
     await gateway.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -277,6 +294,10 @@ def serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> int
     if settings.workers == 1:
         metrics_mod.setup_multiprocess(None)
         return _startup_errors_as_exit(lambda: uvloop.run(_run_single(settings, on_ready)))
+    # Migrate once, before forking, so that workers never race over the schema.
+    code = _startup_errors_as_exit(lambda: uvloop.run(_migrate(settings)))
+    if code:
+        return code
     metrics_dir = Path(settings.data_dir) / "metrics"
     metrics_mod.setup_multiprocess(metrics_dir)
     children: list[int] = []
@@ -298,6 +319,15 @@ def serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> int
         # However the parent ends (its admin port taken, a crash), no worker may
         # outlive it holding the proxy port.
         _end_children(children, settings.shutdown_timeout + 5)
+
+
+async def _migrate(settings: Settings) -> int:
+    database = database_for(settings)
+    try:
+        await upgrade(database)
+    finally:
+        await database.dispose()
+    return 0
 
 
 def _startup_errors_as_exit(run: Callable[[], int]) -> int:

@@ -23,11 +23,14 @@ Plugins keep per-request state only in `ctx.vars`, keyed by their name.
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
 from tollway.gateway.context import RequestContext, Response, ResponseHead
+
+if TYPE_CHECKING:
+    from tollway.runtime import Runtime
 
 
 class PluginConfig(BaseModel):
@@ -58,6 +61,14 @@ class Plugin(Generic[ConfigT]):
 
     def __init__(self, config: ConfigT) -> None:
         self.config = config
+
+    def bind(self, runtime: Runtime) -> None:
+        """Receive the process's shared services (database, key cache, usage queue).
+
+        Called once per instance when a running gateway builds a snapshot; never
+        for `tollway check`, so a plugin must not need it to validate its config.
+        """
+        return None
 
     def access(self, ctx: RequestContext) -> AccessResult:
         return None

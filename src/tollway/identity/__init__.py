@@ -1,0 +1,1 @@
+"""Consumers, API keys and how a raw key becomes a known caller."""

@@ -1,0 +1,72 @@
+"""What a gateway process holds beside its config: database, Redis, key cache, usage.
+
+Plugins receive it through `Plugin.bind` when a snapshot is built for a running
+gateway (never for `tollway check`), so that a plugin reaches shared services
+without module globals. The parent of `--workers N` opens only the database (for the
+admin API); data-plane processes also run the key resolver and the usage recorder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tollway.identity.apikeys import load_pepper
+from tollway.identity.resolver import KeyResolver
+from tollway.settings import Settings
+from tollway.storage.database import Database, default_url
+from tollway.storage.migrate import upgrade
+from tollway.usage.recorder import UsageRecorder
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+
+@dataclass(slots=True)
+class Runtime:
+    settings: Settings
+    database: Database
+    pepper: bytes
+    redis: Redis | None = None
+    # Data-plane processes only.
+    keys: KeyResolver | None = None
+    usage: UsageRecorder | None = None
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Flush usage (up to `grace` seconds), stop background work, close connections."""
+        if self.usage is not None:
+            await self.usage.stop(grace)
+        if self.keys is not None:
+            await self.keys.stop()
+        if self.redis is not None:
+            with contextlib.suppress(Exception):  # closing: a dead Redis is no news
+                await self.redis.aclose()
+        await self.database.dispose()
+
+
+def database_for(settings: Settings) -> Database:
+    return Database(settings.database_url or default_url(settings.data_dir))
+
+
+async def open_runtime(settings: Settings, *, data_plane: bool, migrate: bool) -> Runtime:
+    """Open the database (migrating it when asked), Redis, and the data-plane services."""
+    database = database_for(settings)
+    if migrate:
+        await upgrade(database)
+    pepper = load_pepper(
+        settings.key_pepper.get_secret_value() if settings.key_pepper else None,
+        settings.data_dir,
+    )
+    redis: Redis | None = None
+    if settings.redis_url:
+        from redis.asyncio import Redis
+
+        redis = Redis.from_url(settings.redis_url)
+    runtime = Runtime(settings=settings, database=database, pepper=pepper, redis=redis)
+    if data_plane:
+        runtime.keys = KeyResolver(database, pepper, settings, redis)
+        await runtime.keys.start()
+        runtime.usage = UsageRecorder(database, settings)
+        runtime.usage.start()
+    return runtime

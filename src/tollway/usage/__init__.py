@@ -1,0 +1,1 @@
+"""Usage records: the bounded queue that writes them, rollups and statistics."""
