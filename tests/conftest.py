@@ -10,6 +10,9 @@ import os
 
 import pytest
 
+# The `database` fixture (SQLite and PostgreSQL) is available to every test.
+pytest_plugins = ["support.db"]
+
 SERVICE_MARKERS = ("needs_postgres", "needs_redis")
 
 
