@@ -121,15 +121,19 @@ def wait_port(port: int, deadline_s: float, proc: Proc | None = None) -> bool:
     return False
 
 
-def http_get(port: int, path: str = "/", timeout: float = 5.0) -> tuple[int, bytes]:
+def http_get(
+    port: int, path: str = "/", timeout: float = 5.0, headers: Sequence[str] = ()
+) -> tuple[int, bytes]:
     """One plain HTTP/1.1 GET; returns (status, body). Enough to check a proxy works.
 
     Reads the body by Content-Length when given (so a server that keeps the
     connection open anyway does not stall us), else until the server closes.
     """
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        extra = "".join(f"{h}\r\n" for h in headers)
         s.sendall(
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}"
+            "Connection: close\r\n\r\n".encode()
         )
         raw = b""
         length: int | None = None

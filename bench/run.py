@@ -26,6 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import accounts
 import nginx as nginx_conf
 from harness import (
     BenchError,
@@ -48,8 +49,8 @@ REPO = BENCH_DIR.parent
 CONFIGS = BENCH_DIR / "configs"
 RESULTS = BENCH_DIR / "results"
 
-SCENARIOS = ("nginx", "noplugins", "plugins", "soak", "router")
-THROUGHPUT = ("nginx", "noplugins", "plugins")
+SCENARIOS = ("nginx", "noplugins", "plugins", "keyauth", "usage", "soak", "router")
+THROUGHPUT = ("nginx", "noplugins", "plugins", "keyauth", "usage")
 
 TOLLWAY_START_DEADLINE_S = 20.0
 WARMUP_S = 2
@@ -59,6 +60,10 @@ MB = 1024 * 1024
 RATIO_NOPLUGINS = 0.6
 P99_NOPLUGINS_MS = 3.0
 RATIO_PLUGINS = 0.5
+# Issue 4: key-auth (warm) costs at most 10 % of the no-plugin throughput; usage
+# records written to PostgreSQL cost at most 5 % more, and every request is a row.
+RATIO_KEYAUTH_TO_NOPLUGINS = 0.90
+RATIO_USAGE_TO_KEYAUTH = 0.95
 SOAK_FIRST = 200_000
 SOAK_TOTAL = 1_000_000
 SOAK_RSS_LIMIT_MB = 80.0
@@ -84,6 +89,11 @@ class Target:
     rounds: list[WrkResult] = field(default_factory=list)
     rss_kb: int = 0
     error: str | None = None
+    # Requests wrk completed in the warm-up (not in `rounds`); for row accounting.
+    warm_requests: int = 0
+    # Usage scenario: the database the rows go to, and the rows found after stop.
+    database_url: str | None = None
+    usage_rows: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -202,6 +212,8 @@ def start_tollway(
     core: int,
     upstream_port: int,
     cmd: str,
+    extra_env: dict[str, str] | None = None,
+    check_headers: tuple[str, ...] = (),
 ) -> tuple[Proc, int]:
     """Start Tollway pinned to `core`; BenchError("tollway did not start ...") on failure."""
     port, admin_port = free_port(), free_port()
@@ -217,6 +229,7 @@ def start_tollway(
         "BENCH_UPSTREAM_PORT": str(upstream_port),
         "BENCH_ACCESS_LOG": str(tmp / f"{name}-access.log"),
         "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
     }
     argv = pinned(core, tollway_argv(config, port, admin_port, cmd))
     try:
@@ -234,7 +247,7 @@ def start_tollway(
     problem = ""
     while True:
         try:
-            status, body = http_get(port)
+            status, body = http_get(port, headers=check_headers)
         except OSError as exc:
             problem = f"GET / failed: {exc}"
         else:
@@ -271,7 +284,7 @@ def throughput(
     for t in live:
         log(f"warm-up {t.label} ({WARMUP_S}s)")
         try:
-            wrk_for(t, cores, WARMUP_S, connections)
+            t.warm_requests = wrk_for(t, cores, WARMUP_S, connections).requests
         except BenchError as exc:
             t.error = f"warm-up failed: {exc}"
     for rnd in range(1, rounds + 1):
@@ -373,6 +386,7 @@ def checks_for(
     targets: dict[str, Target],
     soak_res: SoakResult | None,
     router_res: tuple[float | None, str | None] | None,
+    connections: int = 50,
 ) -> list[Check]:
     out: list[Check] = []
     ref = targets.get("nginx")
@@ -410,6 +424,45 @@ def checks_for(
         else:
             out.append(Check(title, "ERROR", t.error or "no rounds"))
     ratio_check("plugins", "tollway, request-id+cors+access-log", RATIO_PLUGINS)
+
+    def relative_check(key: str, base_key: str, name: str, minimum: float) -> None:
+        t, base = targets.get(key), targets.get(base_key)
+        if t is None:
+            return
+        title = f"{name}: req/s >= {minimum:.2f} x {base_key}"
+        if not t.ok:
+            out.append(Check(title, "ERROR", t.error or "no rounds"))
+        elif failed_responses(t):
+            out.append(Check(title, "FAIL", f"{failed_responses(t)} failed responses"))
+        elif base is None or not base.ok:
+            out.append(Check(title, "ERROR", f"no {base_key} figure in this run"))
+        else:
+            ratio = t.median("rps") / base.median("rps")
+            out.append(Check(title, "PASS" if ratio >= minimum else "FAIL", f"{ratio:.2f}"))
+
+    relative_check("keyauth", "noplugins", "tollway, key-auth (warm)", RATIO_KEYAUTH_TO_NOPLUGINS)
+    relative_check(
+        "usage", "keyauth", "tollway, key-auth + usage to PostgreSQL", RATIO_USAGE_TO_KEYAUTH
+    )
+    t = targets.get("usage")
+    if t is not None and t.ok:
+        sent = t.warm_requests + sum(r.requests for r in t.rounds)
+        # wrk counts completed responses; requests cut in flight when a wrk run ends
+        # were still served and logged, at most one per connection per run.
+        slack = connections * (len(t.rounds) + 1)
+        title = "usage: every request is a row (after SIGTERM flush)"
+        if t.usage_rows is None:
+            out.append(Check(title, "ERROR", "rows not counted"))
+        else:
+            ok = sent <= t.usage_rows <= sent + slack
+            out.append(
+                Check(
+                    title,
+                    "PASS" if ok else "FAIL",
+                    f"{t.usage_rows:,} rows for {sent:,} completed requests "
+                    f"(up to {slack} more may be cut in flight)",
+                )
+            )
 
     if soak_res is not None:
         t1 = f"soak: RSS < {SOAK_RSS_LIMIT_MB:g} MB after {SOAK_TOTAL:,} requests"
@@ -553,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         + (" (only one core available: all share it)" if cores.shared else "")
     )
     try:
-        needs_upstream = bool(scen & {"nginx", "noplugins", "plugins", "soak"})
+        needs_upstream = bool(scen & {*THROUGHPUT, "soak"})
         upstream_port = 0
         upstream: Proc | None = None
         if needs_upstream:
@@ -593,12 +646,23 @@ def main(argv: list[str] | None = None) -> int:
                     "plugins.yaml",
                     (f"Origin: {CORS_ORIGIN}",),
                 ),
+                ("keyauth", "tollway, key-auth (warm, SQLite)", "keyauth.yaml", ()),
+                ("usage", "tollway, key-auth + usage (PostgreSQL)", "usage.yaml", ()),
             ):
                 if key not in scen:
                     continue
                 t = Target(key, label, headers=headers)
                 log(f"starting {label}")
                 try:
+                    extra_env: dict[str, str] = {}
+                    if key in ("keyauth", "usage"):
+                        data_dir = tmp / f"tollway-{key}-data"
+                        if key == "usage":
+                            t.database_url = accounts.create_pg_database()
+                            extra_env["TOLLWAY_DATABASE_URL"] = t.database_url
+                        url = t.database_url or accounts.sqlite_url(data_dir)
+                        raw = accounts.provision(url, data_dir)
+                        t.headers = (f"X-API-Key: {raw}",)
                     t.proc, t.port = start_tollway(
                         procs,
                         tmp,
@@ -607,15 +671,22 @@ def main(argv: list[str] | None = None) -> int:
                         cores.proxy,
                         upstream_port,
                         args.tollway_cmd,
+                        extra_env=extra_env,
+                        check_headers=t.headers,
                     )
-                except BenchError as exc:
+                except (BenchError, OSError) as exc:
                     t.error = str(exc)
                     log(f"{label}: {exc}")
                 targets.append(t)
             throughput(targets, cores, args.duration, args.connections, args.rounds)
             for t in targets:  # free core 0 for the soak
-                if t.key in ("noplugins", "plugins") and t.proc is not None:
-                    procs.stop(t.proc)
+                if t.key in ("noplugins", "plugins", "keyauth", "usage") and t.proc is not None:
+                    procs.stop(t.proc)  # SIGTERM: the usage queue is flushed before exit
+                if t.database_url is not None:
+                    try:
+                        t.usage_rows = accounts.usage_rows(t.database_url)
+                    finally:
+                        accounts.drop_pg_database(t.database_url)
         if "soak" in scen:
             soak_res = soak(procs, tmp, cores, upstream_port, args.connections, args.tollway_cmd)
         procs.stop_all()
@@ -636,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
     by_key = {t.key: t for t in targets}
-    checks = checks_for(by_key, soak_res, router_res)
+    checks = checks_for(by_key, soak_res, router_res, args.connections)
     checks = [
         Check(c.name.replace("{c}", str(args.connections)), c.status, c.detail) for c in checks
     ]

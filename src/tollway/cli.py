@@ -1,4 +1,5 @@
-"""The `tollway` command: serve, check, quickstart, demo-upstream, version."""
+"""The `tollway` command: serve, check, quickstart, demo-upstream, version; and the
+database commands of cli_db (migrate, users, keys, usage, admin-token)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from tollway import __version__
+from tollway.cli_db import register as register_db_commands
 from tollway.config.errors import ConfigError, ConfigIssue
 from tollway.config.loader import issues_from_validation, load_config
 from tollway.config.schema import GatewayConfig
@@ -289,6 +291,10 @@ def _quickstart_panel(settings: Settings, upstream_port: int) -> Panel:
 def version() -> None:
     """Print the version."""
     typer.echo(f"tollway {__version__}")
+
+
+# After the commands above, so that `tollway --help` lists serve and check first.
+register_db_commands(app)
 
 
 def main() -> None:

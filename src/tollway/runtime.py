@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tollway.identity.apikeys import load_pepper
+from tollway.identity.pepper import verify_pepper
 from tollway.identity.resolver import KeyResolver
 from tollway.settings import Settings
 from tollway.storage.database import Database, default_url
@@ -58,6 +59,11 @@ async def open_runtime(settings: Settings, *, data_plane: bool, migrate: bool) -
         settings.key_pepper.get_secret_value() if settings.key_pepper else None,
         settings.data_dir,
     )
+    try:
+        await verify_pepper(database, pepper)
+    except BaseException:
+        await database.dispose()
+        raise
     redis: Redis | None = None
     if settings.redis_url:
         from redis.asyncio import Redis

@@ -1,4 +1,9 @@
-"""The admin API over real HTTP, served by EmbeddedServer inside the test's loop."""
+"""The admin API over real HTTP, served by EmbeddedServer inside the test's loop.
+
+The bare app (no runtime): health, metrics, status, docs, the error envelope and
+the token guard. The users/keys/usage routers are tested through a real gateway
+in test_admin_api.py.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +36,10 @@ async def db_down() -> dict[str, Any]:
     raise ConnectionError("db unreachable")
 
 
+TOKEN = "test-admin-token-0123456789"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
 def build_app() -> tuple[FastAPI, HealthRegistry]:
     health = HealthRegistry(workers=1)
     health.add_check("redis", redis_up, required=True)
@@ -43,6 +52,7 @@ def build_app() -> tuple[FastAPI, HealthRegistry]:
             health=health,
             metrics_render=metrics.render,
             snapshot_info=lambda: {"generation": 3, "loaded_at": "2025-01-01T00:00:00Z"},
+            admin_token=TOKEN,
         )
     )
 
@@ -146,7 +156,7 @@ async def test_detailed_and_status(admin: tuple[httpx.AsyncClient, HealthRegistr
     assert {"redis", "db"} == set(detailed["checks"])
     assert all("latency_ms" in c for c in detailed["checks"].values())
 
-    status = (await client.get("/status")).json()
+    status = (await client.get("/status", headers=AUTH)).json()
     assert status["config"] == {"generation": 3, "loaded_at": "2025-01-01T00:00:00Z"}
     assert status["pid"] == os.getpid()
     assert status["uptime_seconds"] >= 0
@@ -173,7 +183,7 @@ async def test_docs_and_openapi(admin: tuple[httpx.AsyncClient, HealthRegistry])
 
 async def test_errors_use_the_envelope(admin: tuple[httpx.AsyncClient, HealthRegistry]) -> None:
     client, _ = admin
-    r = await client.get("/test/items", params={"limit": "many"})
+    r = await client.get("/test/items", params={"limit": "many"}, headers=AUTH)
     assert r.status_code == 422
     body = r.json()
     assert_envelope(body, "validation_error")
@@ -181,7 +191,7 @@ async def test_errors_use_the_envelope(admin: tuple[httpx.AsyncClient, HealthReg
     assert set(fields) == {"query.limit", "query.tag"}
     assert fields["query.tag"]["type"] == "missing"
 
-    r = await client.get("/no/such/admin/path")
+    r = await client.get("/no/such/admin/path", headers=AUTH)
     assert r.status_code == 404
     assert_envelope(r.json(), "not_found")
 
@@ -189,16 +199,50 @@ async def test_errors_use_the_envelope(admin: tuple[httpx.AsyncClient, HealthReg
     assert r.status_code == 405
     assert_envelope(r.json(), "method_not_allowed")
 
-    r = await client.get("/test/conflict")
+    r = await client.get("/test/conflict", headers=AUTH)
     assert r.status_code == 409
     assert_envelope(r.json(), "credits_conflict")
     assert r.json()["error"]["details"] == {"hold": "h1"}
 
-    r = await client.get("/test/boom")
+    r = await client.get("/test/boom", headers=AUTH)
     assert r.status_code == 500
     assert_envelope(r.json(), "internal_error")
     assert "secret" not in r.text
     assert r.headers["x-request-id"] == r.json()["requestId"]
+
+
+async def test_the_token_guards_everything_but_probes_metrics_and_docs(
+    admin: tuple[httpx.AsyncClient, HealthRegistry],
+) -> None:
+    client, _ = admin
+    for path in ("/status", "/test/items", "/no/such/admin/path"):
+        r = await client.get(path)
+        assert r.status_code == 401, path
+        assert_envelope(r.json(), "unauthorized")
+        assert r.headers["www-authenticate"].startswith("Bearer")
+        assert r.headers["x-request-id"] == r.json()["requestId"]
+
+    wrong = await client.get("/status", headers={"authorization": "Bearer not-the-token"})
+    assert wrong.status_code == 401
+    assert_envelope(wrong.json(), "unauthorized")
+    assert 'error="invalid_token"' in wrong.headers["www-authenticate"]
+    # The token is a bearer token: the same string under another scheme is refused.
+    basic = await client.get("/status", headers={"authorization": f"Basic {TOKEN}"})
+    assert basic.status_code == 401
+    # A longer string starting with the token is not the token.
+    longer = await client.get("/status", headers={"authorization": f"Bearer {TOKEN}x"})
+    assert longer.status_code == 401
+    # The scheme name is case-insensitive (RFC 7235).
+    lower = await client.get("/status", headers={"authorization": f"bearer {TOKEN}"})
+    assert lower.status_code == 200
+
+    for path in ("/health", "/health/live", "/health/redis", "/metrics", "/docs", "/openapi.json"):
+        assert (await client.get(path)).status_code == 200, path
+
+    spec = (await client.get("/openapi.json")).json()
+    assert "AdminToken" in spec["components"]["securitySchemes"]
+    assert spec["paths"]["/status"]["get"]["security"] == [{"AdminToken": []}]
+    assert "security" not in spec["paths"]["/health"]["get"]
 
 
 async def test_unix_socket_and_a_stale_socket_file(tmp_path: Path) -> None:

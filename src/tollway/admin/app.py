@@ -1,7 +1,10 @@
-"""The admin API: metrics, health probes and status, on the admin port (8001).
+"""The admin API on the admin port (8001): users, keys, usage, status, health, metrics.
 
-Successful /health answers are plain JSON objects (probes and uptime checkers read
-them as is); every error, including a failed probe, uses the gateway's envelope.
+Successful answers are plain JSON objects (probes and uptime checkers read /health
+as is); every error, including a failed probe, uses the gateway's envelope.
+Everything but /health*, /metrics, /docs and /openapi.json needs the admin token
+(admin/auth.py says why those stay open). The users, keys and usage routers need
+the database, so they are mounted only when the app is given a runtime.
 """
 
 from __future__ import annotations
@@ -11,10 +14,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response, Security
 
 from tollway import __version__
+from tollway.admin import keys, usage, users
+from tollway.admin.auth import AdminGuard, bearer_scheme
 from tollway.admin.envelope import error_response, install_error_handlers, request_id_of
+from tollway.admin.token import load_admin_token
 from tollway.observability.health import HealthRegistry
 from tollway.settings import Settings
 
@@ -34,6 +40,9 @@ class AdminState:
     snapshot_info: Callable[[], dict[str, Any]]
     # Database and shared services; None only in tests of the bare admin app.
     runtime: Runtime | None = None
+    # The bearer token every guarded route needs. None: read (or generated) from
+    # the settings, as admin/token.py does; the gateway passes the one it printed.
+    admin_token: str | None = None
 
 
 def create_admin_app(state: AdminState) -> FastAPI:
@@ -46,6 +55,10 @@ def create_admin_app(state: AdminState) -> FastAPI:
     )
     app.state.tollway = state
     install_error_handlers(app)
+    token = state.admin_token or load_admin_token(state.settings).value
+    app.add_middleware(AdminGuard, token=token)
+    # Declares the bearer scheme on the guarded routes in /docs; AdminGuard checks it.
+    guarded = [Security(bearer_scheme)]
     health = state.health
 
     @app.get("/metrics", tags=["observability"], response_class=Response)
@@ -103,9 +116,13 @@ def create_admin_app(state: AdminState) -> FastAPI:
             503, "health_check_failed", f"{name} is down", request_id_of(request), body
         )
 
-    @app.get("/status", tags=["observability"])
+    @app.get("/status", tags=["observability"], dependencies=guarded)
     async def status() -> dict[str, Any]:
         """The loaded config snapshot and this process."""
         return {"config": state.snapshot_info(), **health.process_info()}
+
+    if state.runtime is not None:
+        for router in (users.router, keys.router, usage.router):
+            app.include_router(router, dependencies=guarded)
 
     return app

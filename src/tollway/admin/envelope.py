@@ -2,8 +2,10 @@
 
 `install_error_handlers(app)` makes every error such an app answers use the same
 envelope the data plane renders (`tollway.gateway.errors.envelope`): HTTPException,
-request validation (422, with the field paths), `GatewayError` raised by handlers,
-and anything unexpected (500 `internal_error`, no exception text leaked).
+request validation (422, with the field paths), `GatewayError` and the identity
+package's `IdentityError` raised by handlers (404 `not_found`, 409 `conflict`, 422
+`validation_error` naming the field), and anything unexpected (500
+`internal_error`, no exception text leaked).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tollway.gateway.errors import ERROR_CODES, GatewayError, envelope
+from tollway.identity.errors import Conflict, IdentityError, InvalidInput, NotFound
 from tollway.observability.logging import get_logger
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -130,6 +133,42 @@ async def _gateway_error(request: Request, exc: Exception) -> Response:
     )
 
 
+def identity_status(exc: IdentityError) -> int:
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, Conflict):
+        return 409
+    if isinstance(exc, InvalidInput):
+        return 422
+    return 400
+
+
+def located_field(request: Request, field: str) -> str:
+    """"email" -> "body.email" / "query.email" / "path.id": the place request
+    validation would name, so that a client reads one kind of path whichever layer
+    refused the value."""
+    head = field.split(".", 1)[0].split("[", 1)[0]
+    if head in request.path_params:
+        return f"path.{field}"
+    if head in request.query_params:
+        return f"query.{field}"
+    if request.method in ("POST", "PUT", "PATCH"):
+        return f"body.{field}"
+    return f"query.{field}"
+
+
+async def _identity_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, IdentityError)
+    status = identity_status(exc)
+    details: Any = None
+    if exc.field:
+        field = located_field(request, exc.field)
+        details = [{"field": field, "message": exc.message, "type": exc.code}]
+        if status != 422:
+            details = {"field": field}
+    return error_response(status, exc.code, exc.message, request_id_of(request), details)
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     request_id = request_id_of(request)
     # Starlette re-raises after this handler and uvicorn logs the traceback; this
@@ -149,4 +188,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_exception)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(GatewayError, _gateway_error)
+    app.add_exception_handler(IdentityError, _identity_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -26,12 +26,14 @@ import uvloop
 
 from tollway.admin.app import AdminState, create_admin_app
 from tollway.admin.server import EmbeddedServer, ServerStartError
+from tollway.admin.token import AdminToken, AdminTokenError, load_admin_token
 from tollway.config.errors import ConfigError
 from tollway.config.loader import load_config
 from tollway.config.reload import ConfigWatcher
 from tollway.config.schema import GatewayConfig
 from tollway.config.snapshot import Snapshot, build_snapshot
 from tollway.gateway.dataplane import DataPlane
+from tollway.identity.pepper import PepperMismatch
 from tollway.observability import metrics as metrics_mod
 from tollway.observability.health import HealthRegistry
 from tollway.observability.logging import configure_logging
@@ -93,6 +95,8 @@ class Gateway:
         self.runtime = await open_runtime(
             self.settings, data_plane=self.serve_proxy, migrate=self.migrate
         )
+        if self.runtime.usage is not None:
+            self.metrics.set_usage_stats_source(self.runtime.usage.counters)
         self.snapshot = load_snapshot(self.settings, runtime=self.runtime)
         self.health.set_config_loaded(True)
         loop = asyncio.get_running_loop()
@@ -107,12 +111,19 @@ class Gateway:
         self.health.add_check("upstreams", self._upstream_health, required=False)
         self.metrics.start_flusher(loop)
         if self.serve_admin:
+            try:
+                token = load_admin_token(self.settings)
+            except AdminTokenError as exc:
+                raise ServerStartError(str(exc)) from exc
+            if token.generated:
+                _announce_admin_token(token)
             state = AdminState(
                 settings=self.settings,
                 health=self.health,
                 metrics_render=self.metrics.render,
                 snapshot_info=self._snapshot_info,
                 runtime=self.runtime,
+                admin_token=token.value,
             )
             self.admin = EmbeddedServer(
                 create_admin_app(state),
@@ -200,6 +211,21 @@ class Gateway:
         self.metrics.stop()
         self.stopped.set()
         return cut
+
+
+def _announce_admin_token(token: AdminToken) -> None:
+    """Once, when the token was just generated: the only time the server shows it.
+
+    stderr, not the log: log lines are shipped and kept, and this is a secret.
+    """
+    print(
+        f"Tollway generated an admin token and stored it in {token.path} (mode 0600):\n\n"
+        f"    {token.value}\n\n"
+        "Send it to the admin API as `Authorization: Bearer <token>`. Later starts read\n"
+        "that file and do not print it; `tollway admin-token` shows it again.",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _install_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
@@ -334,7 +360,7 @@ def _startup_errors_as_exit(run: Callable[[], int]) -> int:
     """A port that cannot be bound is an operator's problem to read, not a traceback."""
     try:
         return run()
-    except (ServerStartError, OSError) as exc:
+    except (ServerStartError, PepperMismatch, OSError) as exc:
         log.error("tollway could not start", error=str(exc))
         print(f"error: {exc}", file=sys.stderr)
         return 1

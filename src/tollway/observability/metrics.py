@@ -10,6 +10,11 @@ replaces cost 4.1 us in-process and 7.0 us in multiprocess mode (mmap writes).
 Across workers: `setup_multiprocess(dir)` in the parent before forking switches
 prometheus_client to its multiprocess mode (one mmap file per process in `dir`);
 `render_latest()` then sums every worker's files.
+
+Usage recorder counters (records written, dropped, write errors, queue depth) are
+kept by the recorder itself as plain ints; `set_usage_stats_source` hands them over
+and each flush adds what changed since the previous one, so the recorder's hot
+path (`record()`) never touches prometheus_client.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import os
 import weakref
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from prometheus_client import (
@@ -48,6 +53,9 @@ _HIST_SLOTS = len(LATENCY_BUCKETS) + 2
 _SUM = -1
 
 PoolStatsSource = Callable[[], dict[str, tuple[int, int]]]
+# Cumulative "written", "dropped", "write_errors" and the current "pending".
+UsageStatsSource = Callable[[], Mapping[str, int]]
+_USAGE_COUNTERS = ("written", "dropped", "write_errors")
 
 
 def _new_hist() -> list[float]:
@@ -94,6 +102,21 @@ class _Families:
         self.errors = Counter(
             "tollway_gateway_errors", "Errors the gateway answered itself", ("code",)
         )
+        self.usage_written = Counter(
+            "tollway_usage_records_written", "Usage records written to the database"
+        )
+        self.usage_dropped = Counter(
+            "tollway_usage_records_dropped",
+            "Usage records dropped: queue full (oldest first), or unwritten at shutdown",
+        )
+        self.usage_write_errors = Counter(
+            "tollway_usage_write_errors", "Failed usage batch write attempts (each retried)"
+        )
+        self.usage_queue_depth = Gauge(
+            "tollway_usage_queue_depth",
+            "Usage records waiting to be written",
+            multiprocess_mode="livesum",
+        )
         self.all: tuple[Counter | Gauge | Histogram, ...] = (
             self.requests,
             self.request_duration,
@@ -104,6 +127,10 @@ class _Families:
             self.upstream_closed,
             self.reloads,
             self.errors,
+            self.usage_written,
+            self.usage_dropped,
+            self.usage_write_errors,
+            self.usage_queue_depth,
         )
 
     def unregister(self) -> None:
@@ -181,6 +208,8 @@ class GatewayMetrics:
         self._reset_local()
         self._pool_source: PoolStatsSource | None = None
         self._pool_seen: set[str] = set()
+        self._usage_source: UsageStatsSource | None = None
+        self._usage_seen: dict[str, int] = {}
         _instances.add(self)
 
     def _reset_local(self) -> None:
@@ -237,6 +266,15 @@ class GatewayMetrics:
         """`fn()` returns target -> (idle, in_use); it is read at each flush."""
         self._pool_source = fn
 
+    def set_usage_stats_source(self, fn: UsageStatsSource) -> None:
+        """`fn()` returns the usage recorder's counters; read at each flush.
+
+        Counts from before this call are exported at the next flush too: they are
+        the process's, and nobody else reports them.
+        """
+        self._usage_source = fn
+        self._usage_seen = {}
+
     # Flush ----------------------------------------------------------------------
 
     def flush(self) -> None:
@@ -265,6 +303,24 @@ class GatewayMetrics:
 
         fam.open_connections.set(self._open_connections)
         self._flush_pool(fam.pool_connections)
+        self._flush_usage(fam)
+
+    def _flush_usage(self, fam: _Families) -> None:
+        if self._usage_source is None:
+            return
+        stats = self._usage_source()
+        counters = {
+            "written": fam.usage_written,
+            "dropped": fam.usage_dropped,
+            "write_errors": fam.usage_write_errors,
+        }
+        for name in _USAGE_COUNTERS:
+            now = int(stats.get(name, 0))
+            delta = now - self._usage_seen.get(name, 0)
+            if delta > 0:
+                counters[name].inc(delta)
+            self._usage_seen[name] = now
+        fam.usage_queue_depth.set(int(stats.get("pending", 0)))
 
     def _flush_pool(self, gauge: Gauge) -> None:
         if self._pool_source is None:

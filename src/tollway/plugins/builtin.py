@@ -8,6 +8,7 @@ from tollway.plugins import (  # noqa: F401 (importing a plugin module registers
     cors,
     header_transformer,
     ip_restriction,
+    key_auth,
     parameter_pollution,
     request_id,
     request_size_limiting,

@@ -218,3 +218,19 @@ class UsageHourly(Base):
     lat_b13: Mapped[int] = mapped_column(BigInteger, default=0)
     lat_b14: Mapped[int] = mapped_column(BigInteger, default=0)
     lat_b15: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class InstanceSetting(Base):
+    """Facts every process sharing this database must agree on.
+
+    `key_pepper_fingerprint`: HMAC of a fixed label under the key pepper. A node
+    started with another pepper would hash keys differently and refuse every key
+    the others created; it refuses to start instead (storage is shared, the pepper
+    is not in it).
+    """
+
+    __tablename__ = "instance_settings"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
