@@ -241,7 +241,10 @@ def parse_duration(text: str) -> timedelta:
     match = _DURATION_RE.match(text.lower())
     if match is None:
         raise ValueError(f"{text!r} is not a duration (like 30s, 15m, 24h, 7d)")
-    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    try:
+        return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    except OverflowError:
+        raise ValueError(f"{text!r} is too long a duration") from None
 
 
 def parse_when(text: str, *, past: bool) -> datetime:
@@ -250,7 +253,10 @@ def parse_when(text: str, *, past: bool) -> datetime:
     if _DURATION_RE.match(text.lower()) and not text.strip().isdigit():
         delta = parse_duration(text)
         now = datetime.now(UTC)
-        return now - delta if past else now + delta
+        try:
+            return now - delta if past else now + delta
+        except OverflowError:
+            raise ValueError(f"{text!r} reaches past the calendar's range") from None
     try:
         value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
@@ -261,7 +267,12 @@ def parse_when(text: str, *, past: bool) -> datetime:
                 f"{text!r} is neither an ISO 8601 time (2025-01-31T12:00:00Z) "
                 "nor a duration (7d, 24h)"
             ) from None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{text!r} is out of range once converted to UTC") from None
 
 
 def _when_option(value: str | None, *, past: bool, flag: str) -> datetime | None:
@@ -767,11 +778,16 @@ def usage(
     if group_by not in ("hour", "day"):
         _fail(f"--group-by: {group_by!r} is not hour or day", 2)
     grouping: Literal["hour", "day"] = "day" if group_by == "day" else "hour"
-    window_start, window_end = default_window(
-        _when_option(start, past=True, flag="--from"),
-        _when_option(end, past=True, flag="--to"),
-        grouping,
-    )
+    from tollway.identity.errors import InvalidInput
+
+    try:
+        window_start, window_end = default_window(
+            _when_option(start, past=True, flag="--from"),
+            _when_option(end, past=True, flag="--to"),
+            grouping,
+        )
+    except InvalidInput as exc:
+        _fail(f"--{exc.field}: {exc.message}", 2)
     if window_start >= window_end:
         _fail("--from must be before --to", 2)
 

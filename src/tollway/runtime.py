@@ -9,8 +9,12 @@ admin API); data-plane processes also run the key resolver and the usage recorde
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from tollway.identity.apikeys import load_pepper
 from tollway.identity.pepper import verify_pepper
@@ -50,17 +54,44 @@ def database_for(settings: Settings) -> Database:
     return Database(settings.database_url or default_url(settings.data_dir))
 
 
+class DatabaseUnavailable(RuntimeError):
+    """The configured database cannot be reached or used; the message says which
+    (its URL without the password) and why, on one line."""
+
+
+def _safe_url(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<the configured database>"
+
+
+@contextlib.contextmanager
+def database_errors(settings: Settings) -> Iterator[None]:
+    """Turn the driver's failures at start (refused, no such database, bad password)
+    into DatabaseUnavailable, which `serve` prints on one line instead of a traceback."""
+    try:
+        yield
+    except (DBAPIError, OSError) as exc:
+        url = _safe_url(settings.database_url or default_url(settings.data_dir))
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise DatabaseUnavailable(
+            f"cannot use the database at {url}: {reason[0] if reason else type(exc).__name__}"
+        ) from exc
+
+
 async def open_runtime(settings: Settings, *, data_plane: bool, migrate: bool) -> Runtime:
     """Open the database (migrating it when asked), Redis, and the data-plane services."""
     database = database_for(settings)
-    if migrate:
-        await upgrade(database)
     pepper = load_pepper(
         settings.key_pepper.get_secret_value() if settings.key_pepper else None,
         settings.data_dir,
     )
     try:
-        await verify_pepper(database, pepper)
+        with database_errors(settings):
+            if migrate:
+                await upgrade(database)
+            await verify_pepper(database, pepper)
     except BaseException:
         await database.dispose()
         raise

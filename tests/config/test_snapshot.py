@@ -128,3 +128,19 @@ def test_config_built_in_code_gets_the_loader_errors() -> None:
     with pytest.raises(ConfigError) as err:
         build_snapshot(config)
     assert [str(i) for i in err.value.issues] == ['routes[0].service: unknown service "nope"']
+
+
+def test_consumer_attached_by_username_applies_when_auth_knows_only_the_id() -> None:
+    """API-key consumers arrive with their UUID and email; the file may name either."""
+    config = CONFIG.replace("  - {username: alice}", '  - {username: alice, id: "c-carol"}')
+    snapshot = build_snapshot(load_config_text(config))
+    # The test auth plugin gives user "carol" the id "c-carol": only the id matches.
+    assert run(snapshot, "/one", user="carol") == ["consumer"]
+
+
+def test_consumer_may_be_named_by_email() -> None:
+    config = CONFIG.replace("{username: alice}", "{username: alice@example.com}").replace(
+        "consumer: alice,", "consumer: alice@example.com,"
+    )
+    snapshot = build_snapshot(load_config_text(config))
+    assert run(snapshot, "/one", user="alice@example.com") == ["consumer"]

@@ -16,14 +16,19 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, update
 
+from support.db import PG_PORT, pg_schema_database
+from support.relay import FaultRelay
 from tollway.identity import consumers, keys
+from tollway.identity import resolver as resolver_module
 from tollway.identity.apikeys import generate_key
 from tollway.identity.changes import pending_changes
 from tollway.identity.invalidation import Announcer
 from tollway.identity.resolver import (
     INVALID,
+    RETRY_AFTER_ERROR,
+    STALE_IF_ERROR,
     KeyResolver,
     KeyStoreUnavailable,
     ResolvedKey,
@@ -269,21 +274,42 @@ async def test_flood_of_unknown_keys_does_not_evict_keys_in_use(
 # ---- TTL, expiry and rotation ----------------------------------------------------------
 
 
-async def test_entries_are_refreshed_after_the_ttl(
+async def landed(r: KeyResolver) -> None:
+    """Wait for the background lookups to finish."""
+    async with asyncio.timeout(5):
+        while r.stats()["inflight"]:
+            await asyncio.sleep(0.005)
+
+
+async def test_stale_entries_answer_at_once_while_one_lookup_refreshes_them(
     database: Database, clock: Clock, resolver: KeyResolver, secret_queries: StatementCounter
 ) -> None:
     cid = await new_consumer(database)
-    raw = (await new_key(database, cid)).raw
+    new = await new_key(database, cid)
+    raw = new.raw
     await resolve(resolver, raw)
     clock.advance(59)
     warm(resolver, raw)
     assert secret_queries.count == 1
     clock.advance(2)
-    again = resolver.resolve(raw.encode())
-    assert inspect.isawaitable(again)
-    assert (await again).error is None
+    # Past the TTL: still answered synchronously, and refreshed once in the background.
+    for _ in range(20):
+        assert warm(resolver, raw).error is None
+    await landed(resolver)
     assert secret_queries.count == 2
     warm(resolver, raw)
+    assert secret_queries.count == 2
+    # A refresh brings news a missed invalidation would have: the key was disabled
+    # behind the cache's back (no outbox row: as if the change were lost).
+    async with database.sessions() as s:
+        await s.execute(
+            update(ApiKey).where(ApiKey.id == new.key.id).values(status="disabled")
+        )
+        await s.commit()
+    clock.advance(61)
+    warm(resolver, raw)  # the stale answer, one last time
+    await landed(resolver)
+    assert warm(resolver, raw).error == "key_disabled"
 
 
 async def test_key_expiry_is_checked_per_request_from_the_cache(
@@ -438,18 +464,67 @@ async def test_database_down_serves_stale_entries_and_refuses_unknown_ones(
     dead = Database("postgresql+asyncpg://postgres@127.0.0.1:1/none")
     resolver.database = dead
     try:
-        clock.advance(61)  # past the TTL: a refresh is due and fails
-        assert (await resolve(resolver, raw)).error is None
+        clock.advance(61)  # past the TTL: the refresh fails, the entry keeps serving
+        assert warm(resolver, raw).error is None
+        await landed(resolver)
+        assert resolver.lookup_errors == 1
+        assert warm(resolver, raw).error is None  # not retried before RETRY_AFTER_ERROR
+        assert resolver.stats()["inflight"] == 0
+        # A key with no entry: refused at once while the database counts as down ...
+        with pytest.raises(KeyStoreUnavailable):
+            resolver.resolve(other.encode())
+        # ... and tried again after that.
+        clock.advance(RETRY_AFTER_ERROR)
         with pytest.raises(KeyStoreUnavailable):
             await resolve(resolver, other)
-        clock.advance(400)  # past stale-if-error too
+        assert resolver.lookup_errors == 2
+        clock.advance(STALE_IF_ERROR)  # past stale-if-error too: refused
         with pytest.raises(KeyStoreUnavailable):
             await resolve(resolver, raw)
-        assert resolver.lookup_errors == 3
     finally:
         resolver.database = database
         await dead.dispose()
+    clock.advance(RETRY_AFTER_ERROR)
     assert (await resolve(resolver, other)).error is None
+    assert (await resolve(resolver, raw)).error is None
+
+
+@pytest.mark.needs_postgres
+async def test_database_that_stops_answering_cannot_hold_requests(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blackholed database (connections accepted, nothing answered): warm keys
+    never notice, unknown keys are refused after LOOKUP_TIMEOUT and then at once."""
+    monkeypatch.setattr(resolver_module, "LOOKUP_TIMEOUT", 0.5)
+    async with pg_schema_database() as direct, FaultRelay("127.0.0.1", PG_PORT) as relay:
+        db = Database(f"postgresql+asyncpg://postgres@127.0.0.1:{relay.port}/test",
+                      schema=direct.schema)
+        r = make_resolver(db, clock)
+        try:
+            cid = await new_consumer(direct)
+            raw = (await new_key(direct, cid)).raw
+            other = (await new_key(direct, cid)).raw
+            assert (await resolve(r, raw)).error is None
+            # Pooled connections closed first: from now on every connection is new,
+            # and a new one gets no answer at all.
+            await db.engine.dispose()
+            relay.blackhole()
+            for _ in range(100):
+                assert warm(r, raw).error is None
+            start = time.monotonic()
+            with pytest.raises(KeyStoreUnavailable):
+                await resolve(r, other)
+            assert time.monotonic() - start < 2.0
+            start = time.monotonic()
+            with pytest.raises(KeyStoreUnavailable):
+                await resolve(r, other)
+            assert time.monotonic() - start < 0.05
+            relay.passthrough()
+            clock.advance(RETRY_AFTER_ERROR)
+            assert (await resolve(r, other)).error is None
+        finally:
+            relay.passthrough()
+            await db.dispose()
 
 
 # ---- last_used_at ----------------------------------------------------------------------

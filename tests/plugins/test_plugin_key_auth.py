@@ -84,13 +84,21 @@ def test_take_query_param(query: bytes, value: bytes | None, rest: bytes) -> Non
     assert take_query_param(query, b"api_key") == (value, rest)
 
 
+def test_without_usage_logging_there_is_no_log_hook() -> None:
+    """The pipeline calls only overridden hooks: `log_usage: false` costs no log phase."""
+    quiet = KeyAuth(KeyAuthConfig(log_usage=False))
+    assert isinstance(quiet, KeyAuth) and not type(quiet).overrides("log")
+    assert type(quiet).name == "key-auth" and type(quiet).priority == KeyAuth.priority
+    assert type(KeyAuth(KeyAuthConfig())).overrides("log")
+
+
 def test_without_bind_a_key_gets_503_not_a_crash() -> None:
     """`tollway check` builds plugins without a runtime; a request must never find one
     in that state, but if it did it is an envelope, not an exception."""
     plugin = KeyAuth(KeyAuthConfig())
     resp = plugin.access(build_ctx(headers=[(b"x-api-key", generate_key().encode())]))
     assert isinstance(resp, Response) and resp.status == 503
-    assert envelope_of(resp)["error"]["code"] == "service_unavailable"
+    assert envelope_of(resp)["error"]["code"] == "auth_unavailable"
     missing = plugin.access(build_ctx(request_id="rid"))
     assert isinstance(missing, Response) and missing.status == 401
     assert (b"www-authenticate", b'Bearer realm="tollway"') in missing.headers
@@ -109,7 +117,7 @@ async def test_database_down_answers_503_for_keys_not_cached(tmp_path: Path) -> 
         resp = await pending
         assert isinstance(resp, Response) and resp.status == 503
         assert (b"retry-after", b"1") in resp.headers
-        assert envelope_of(resp)["error"]["code"] == "service_unavailable"
+        assert envelope_of(resp)["error"]["code"] == "auth_unavailable"
     finally:
         await dead.dispose()
 

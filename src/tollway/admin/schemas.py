@@ -20,7 +20,12 @@ from tollway.storage.models import ApiKey, Consumer, UsageRecord
 def _as_utc(value: datetime) -> datetime:
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        # 0001-01-01T00:00+01:00 is before year 1 in UTC. A ValueError makes it a
+        # 422 naming the field; an OverflowError was a 500.
+        raise ValueError("out of range once converted to UTC") from None
 
 
 UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]

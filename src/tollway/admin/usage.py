@@ -43,7 +43,15 @@ def default_window(
     start: datetime | None, end: datetime | None, group_by: GroupBy
 ) -> tuple[datetime, datetime]:
     end = end or datetime.now(UTC)
-    return start or end - DEFAULT_SPAN[group_by], end
+    if start is not None:
+        return start, end
+    try:
+        return end - DEFAULT_SPAN[group_by], end
+    except OverflowError:
+        # `to` in the first days of year 1: the default span reaches before it.
+        raise InvalidInput(
+            "`to` is too early for the default span; give `from` too", field="to"
+        ) from None
 
 
 def _window(

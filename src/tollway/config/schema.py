@@ -29,6 +29,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$"
+_CONSUMER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._~+@-]{0,319}$"
 HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
@@ -247,7 +248,8 @@ class RouteConfig(Model):
 class ConsumerConfig(Model):
     """A consumer named in the file so that plugins can be attached to it."""
 
-    username: str = Field(pattern=_NAME)
+    # An email is a valid username: API-key consumers are known by their email.
+    username: str = Field(pattern=_CONSUMER_NAME)
     id: str | None = None
     tags: tuple[str, ...] = ()
 

@@ -120,12 +120,25 @@ def build_snapshot(
         return chain
 
     global_plugins = scoped.get(("global", ""), {})
-    consumer_scopes = {name: p for (kind, name), p in scoped.items() if kind == "consumer"}
+    # A plugin names its consumer by username or by id; at request time the consumer
+    # is looked up by id, username and email (pipeline.consumer_keys). Both names of
+    # a declared consumer lead to one merged set of plugins.
+    names_of: dict[str, tuple[str, ...]] = {}
+    for c in config.consumers:
+        names = (c.username,) if c.id is None else (c.username, c.id)
+        for name in names:
+            names_of[name] = names
+    consumer_scopes: dict[tuple[str, ...], dict[str, Plugin[Any]]] = {}
+    for (kind, name), plugins in scoped.items():
+        if kind == "consumer":
+            consumer_scopes.setdefault(names_of.get(name, (name,)), {}).update(plugins)
 
     def with_consumers(base: dict[str, Plugin[Any]]) -> dict[str, Chain]:
         by_consumer: dict[str, Chain] = {}
-        for consumer, plugins in consumer_scopes.items():
-            by_consumer[consumer] = chain_of({**base, **plugins}, {})
+        for names, plugins in consumer_scopes.items():
+            chain = chain_of({**base, **plugins}, {})
+            for name in names:
+                by_consumer[name] = chain
         return by_consumer
 
     global_chain = chain_of(global_plugins, with_consumers(global_plugins))

@@ -37,7 +37,13 @@ from tollway.identity.pepper import PepperMismatch
 from tollway.observability import metrics as metrics_mod
 from tollway.observability.health import HealthRegistry
 from tollway.observability.logging import configure_logging
-from tollway.runtime import Runtime, database_for, open_runtime
+from tollway.runtime import (
+    DatabaseUnavailable,
+    Runtime,
+    database_errors,
+    database_for,
+    open_runtime,
+)
 from tollway.settings import Settings
 from tollway.storage.migrate import upgrade
 from tollway.upstream.probe import probe_services
@@ -350,7 +356,8 @@ def serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> int
 async def _migrate(settings: Settings) -> int:
     database = database_for(settings)
     try:
-        await upgrade(database)
+        with database_errors(settings):
+            await upgrade(database)
     finally:
         await database.dispose()
     return 0
@@ -360,7 +367,7 @@ def _startup_errors_as_exit(run: Callable[[], int]) -> int:
     """A port that cannot be bound is an operator's problem to read, not a traceback."""
     try:
         return run()
-    except (ServerStartError, PepperMismatch, OSError) as exc:
+    except (ServerStartError, PepperMismatch, DatabaseUnavailable, OSError) as exc:
         log.error("tollway could not start", error=str(exc))
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -32,6 +32,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "key_disabled": (403, "The API key is disabled"),
     "key_expired": (403, "The API key has expired"),
     "insufficient_scope": (403, "The API key may not call this route"),
+    "auth_unavailable": (503, "Credentials cannot be checked right now; retry shortly"),
     "upstream_unavailable": (502, "The upstream service could not be reached"),
     "upstream_bad_response": (502, "The upstream service sent an invalid response"),
     "upstream_timeout": (504, "The upstream service did not answer in time"),

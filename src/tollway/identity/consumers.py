@@ -8,7 +8,9 @@ when they must know the database's answer (a duplicate email) before returning.
 from __future__ import annotations
 
 import enum
+import math
 import re
+import unicodedata
 from typing import Any, Final, Literal
 from uuid import UUID
 
@@ -44,8 +46,14 @@ def normalize_email(email: str) -> str:
     """Trimmed and lower-cased; InvalidInput(field="email") when it is not an address."""
     if not isinstance(email, str):
         raise InvalidInput("email must be a string", field="email")
-    normalized = email.strip().lower()
+    # NFC: "é" typed as one code point or as e + combining accent (macOS input)
+    # is one address, so one consumer, found by either spelling.
+    normalized = unicodedata.normalize("NFC", email.strip().lower())
     if not normalized or len(normalized) > EMAIL_MAX or not _EMAIL_RE.match(normalized):
+        raise InvalidInput("not a valid email address", field="email")
+    # Control characters (NUL above all: PostgreSQL text cannot hold it) are never
+    # part of an address.
+    if any(unicodedata.category(ch) == "Cc" for ch in normalized):
         raise InvalidInput("not a valid email address", field="email")
     domain = normalized.rsplit("@", 1)[1]
     if domain.startswith(".") or domain.endswith(".") or ".." in domain:
@@ -56,13 +64,16 @@ def normalize_email(email: str) -> str:
 def _check_name(name: object) -> str:
     if not isinstance(name, str) or len(name) > NAME_MAX:
         raise InvalidInput(f"name must be a string of at most {NAME_MAX} characters", field="name")
+    if "\x00" in name:
+        # PostgreSQL text cannot hold NUL; SQLite would store it: refuse on both.
+        raise InvalidInput("name must not contain NUL characters", field="name")
     return name.strip()
 
 
 def _check_plan(plan: object) -> str | None:
     if plan is None:
         return None
-    if not isinstance(plan, str) or not plan.strip() or len(plan) > PLAN_MAX:
+    if not isinstance(plan, str) or not plan.strip() or len(plan) > PLAN_MAX or "\x00" in plan:
         raise InvalidInput(
             f"plan must be null or a non-empty string of at most {PLAN_MAX} characters",
             field="plan",
@@ -75,6 +86,17 @@ def _check_metadata(metadata: object) -> dict[str, Any]:
         return {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata):
         raise InvalidInput("metadata must be an object with string keys", field="metadata")
+    # JSON parsers accept NaN and Infinity, which are not JSON: PostgreSQL refuses
+    # them and SQLite stores them to answer null. Iterative: no recursion limit.
+    stack: list[object] = [metadata]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidInput("metadata must not contain NaN or Infinity", field="metadata")
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
     return dict(metadata)
 
 
@@ -149,8 +171,13 @@ async def list_consumers(
     """Consumers newest first; `email` matches exactly (after normalizing)."""
     stmt = select(Consumer)
     if email is not None:
-        # A filter that cannot match is an empty page, not an error.
-        stmt = stmt.where(Consumer.email == email.strip().lower())
+        # A filter that cannot match is an empty page, not an error; normalized as
+        # stored emails are (and never sent with a NUL PostgreSQL would refuse).
+        try:
+            wanted = normalize_email(email)
+        except InvalidInput:
+            return Page(items=[], next_cursor=None)
+        stmt = stmt.where(Consumer.email == wanted)
     if status is not None:
         stmt = stmt.where(Consumer.status == _check_status(status))
     return await keyset_page(

@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from tollway.identity.apikeys import display_prefix, generate_key, hash_key
 from tollway.identity.changes import record_change
-from tollway.identity.consumers import UNSET, Unset, get_consumer
+from tollway.identity.consumers import UNSET, Unset
 from tollway.identity.errors import Conflict, InvalidInput, NotFound
 from tollway.storage.models import ApiKey, ApiKeySecret, Consumer, utcnow
 from tollway.storage.pagination import DEFAULT_LIMIT, Page, keyset_page
@@ -82,6 +82,9 @@ class KeyLookup:
 def _check_name(name: object) -> str:
     if not isinstance(name, str) or len(name) > NAME_MAX:
         raise InvalidInput(f"name must be a string of at most {NAME_MAX} characters", field="name")
+    if "\x00" in name:
+        # PostgreSQL text cannot hold NUL; SQLite would store it: refuse on both.
+        raise InvalidInput("name must not contain NUL characters", field="name")
     return name.strip()
 
 
@@ -158,7 +161,17 @@ async def create_key(
         "scopes": _check_scopes(scopes),
         "expires_at": _check_expiry(expires_at, now),
     }
-    consumer = await get_consumer(session, consumer_id)
+    # FOR UPDATE (PostgreSQL): a concurrent DELETE /users holds this row until it
+    # commits, and its revoking UPDATE cannot see a key inserted meanwhile; so wait
+    # for it and read the status it leaves, rather than add an active key it misses.
+    consumer = await session.scalar(
+        select(Consumer)
+        .where(Consumer.id == consumer_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    if consumer is None:
+        raise NotFound(f"consumer {consumer_id} not found")
     if consumer.status != "active":
         raise Conflict("the consumer is disabled", field="user_id")
     key_id = uuid.uuid4()
@@ -175,6 +188,11 @@ async def create_key(
     session.add(key)
     session.add(secret)
     await session.flush()
+    # SQLite has no FOR UPDATE; the flush above holds its write lock, so this read
+    # sees whatever a concurrent disable committed before it (callers roll back).
+    status = await session.scalar(select(Consumer.status).where(Consumer.id == consumer.id))
+    if status != "active":
+        raise Conflict("the consumer is disabled", field="user_id")
     return NewKey(key=key, raw=raw)
 
 

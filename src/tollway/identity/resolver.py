@@ -15,10 +15,17 @@ the database), hashes it with the pepper and looks the hash up, with:
 - a bound on concurrent queries and on distinct keys waiting, so that a flood of
   distinct made-up keys queues here rather than in the database's pool; past the
   bound a miss is answered "unavailable" at once;
-- stale-if-error: when the database does not answer, an entry past its TTL (but
-  not invalidated) still serves for up to STALE_IF_ERROR seconds. That is safe:
-  a change cannot commit while the database is down, and one that did commit
-  before reached the cache through invalidation.
+- stale-while-revalidate: an entry past its TTL (but not invalidated) answers at
+  once while one background lookup refreshes it, so a hot key never makes a
+  request wait, and the TTL (a bound on a missed invalidation) is extended by one
+  lookup at most;
+- stale-if-error: when the database does not answer, such an entry keeps serving
+  for up to STALE_IF_ERROR seconds past its TTL, retried once per
+  RETRY_AFTER_ERROR. That is safe: a change cannot commit while the database is
+  down, and one that did commit before reached the cache through invalidation.
+  A key with no entry is answered "unavailable" (503), at once for
+  RETRY_AFTER_ERROR after a failure, so requests do not pile up on a dead
+  database; every lookup is bounded by LOOKUP_TIMEOUT.
 
 Time-based states are checked per request from the cached record, never by a
 refresh: a key past `key_expires_at` answers key_expired, and an old secret whose
@@ -66,6 +73,11 @@ log = structlog.get_logger("tollway.keys")
 
 # Seconds past its TTL an entry may still answer while the database is down.
 STALE_IF_ERROR = 300.0
+# After a failed lookup: seconds before the database is tried again (for a stale
+# entry, and for keys with none, which get "unavailable" at once meanwhile).
+RETRY_AFTER_ERROR = 1.0
+# A lookup (waiting for a slot included) that takes longer has failed.
+LOOKUP_TIMEOUT = 5.0
 # Database lookups at once per process; more wait their turn (single flight
 # already merges the same key).
 MAX_CONCURRENT_LOOKUPS = 8
@@ -240,7 +252,11 @@ class KeyResolver:
         # entry to the end, and every entry is refilled once per TTL, so the oldest
         # insertion is also the entry nearest to expiry (LRU's choice, without
         # LRU's per-hit reordering cost).
-        self._cache: dict[bytes, ResolvedKey] = {}
+        # Public for one reader only: the key-auth plugin inlines the warm branch of
+        # `resolve` (an entry answers as it is while clock() < entry.valid_until,
+        # noting the use in `used`), because on the hot path a Python call costs
+        # as much as the lookup. Nothing else may read or write it.
+        self.cache: dict[bytes, ResolvedKey] = {}
         # raw key -> until when it is known not to exist.
         self._negative: dict[bytes, float] = {}
         self._by_key: dict[str, set[bytes]] = {}
@@ -249,6 +265,8 @@ class KeyResolver:
         self._slots: asyncio.Semaphore | None = None
         # Bumped by every invalidation: a lookup that saw it change is not cached.
         self._epoch = 0
+        # Until when the database counts as down (after a failed lookup).
+        self._unavailable_until = 0.0
         # key id (as a string: its hash is cached, a UUID's is computed in Python on
         # every use) -> wall time of its last admitted use, until the next flush.
         self.used: dict[str, float] = {}
@@ -307,7 +325,7 @@ class KeyResolver:
         Raises KeyStoreUnavailable (here or from the awaitable) when a key that is
         not cached cannot be checked.
         """
-        entry = self._cache.get(raw)
+        entry = self.cache.get(raw)
         if entry is not None:
             now = self.clock()
             if now < entry.valid_until:
@@ -320,13 +338,20 @@ class KeyResolver:
     def _recheck(
         self, raw: bytes, entry: ResolvedKey, now: float
     ) -> ResolvedKey | Awaitable[ResolvedKey]:
-        if now >= entry.fresh_until:
-            return self._miss(raw, now)
         answer = entry.at(now)
         if answer is INVALID:
             # The secret's grace is over; it can never come back.
             self._drop(raw)
             self._put_negative(raw, now)
+            return INVALID
+        if now >= entry.fresh_until:
+            if now >= entry.stale_until:
+                return self._miss(raw, now)
+            # Stale: answer now, refresh in the background.
+            if raw not in self._inflight and now >= self._unavailable_until:
+                self._start_lookup(raw, raw.decode("ascii"))
+        if answer.error is None:
+            self.used[answer.key_ref] = now
         return answer
 
     def _miss(self, raw: bytes, now: float) -> ResolvedKey | Awaitable[ResolvedKey]:
@@ -345,12 +370,18 @@ class KeyResolver:
             if not is_well_formed(text):
                 self.malformed += 1
                 return INVALID
+            if now < self._unavailable_until:
+                raise KeyStoreUnavailable("the key store is not answering")
             if len(self._inflight) >= MAX_PENDING_LOOKUPS:
                 raise KeyStoreUnavailable("too many keys waiting for a lookup")
-            task = asyncio.get_running_loop().create_task(self._load(raw, text))
-            self._inflight[raw] = task
-            task.add_done_callback(lambda t: self._landed(raw, t))
+            task = self._start_lookup(raw, text)
         return self._wait(task)
+
+    def _start_lookup(self, raw: bytes, text: str) -> asyncio.Task[ResolvedKey]:
+        task = asyncio.get_running_loop().create_task(self._load(raw, text))
+        self._inflight[raw] = task
+        task.add_done_callback(lambda t: self._landed(raw, t))
+        return task
 
     async def _wait(self, task: asyncio.Task[ResolvedKey]) -> ResolvedKey:
         # Shielded: one waiter going away (its client hung up) must not cancel the
@@ -369,7 +400,7 @@ class KeyResolver:
         if self._slots is None:
             self._slots = asyncio.Semaphore(MAX_CONCURRENT_LOOKUPS)
         try:
-            async with self._slots:
+            async with asyncio.timeout(LOOKUP_TIMEOUT), self._slots:
                 self.db_lookups += 1
                 at = datetime.fromtimestamp(self.clock(), UTC)
                 async with self.database.sessions() as session:
@@ -377,15 +408,22 @@ class KeyResolver:
         except Exception as exc:
             self.lookup_errors += 1
             now = self.clock()
-            stale = self._cache.get(raw)
+            self._unavailable_until = now + RETRY_AFTER_ERROR
+            stale = self.cache.get(raw)
+            usable = stale is not None and now < stale.stale_until
             if self.lookup_errors == 1 or self.lookup_errors % 100 == 0:
                 log.warning(
                     "API key lookup failed",
                     error=f"{type(exc).__name__}: {exc}",
                     failures=self.lookup_errors,
-                    stale_served=stale is not None and now < stale.stale_until,
+                    stale_served=usable,
                 )
-            if stale is not None and now < stale.stale_until:
+            if stale is not None and usable:
+                # Served from the cache until the next try.
+                stale.fresh_until = min(now + RETRY_AFTER_ERROR, stale.stale_until)
+                stale.valid_until = min(
+                    stale.fresh_until, stale.key_expires, stale.secret_expires
+                )
                 answer = stale.at(now)
                 if answer.error is None:
                     self.used[answer.key_ref] = now
@@ -409,7 +447,7 @@ class KeyResolver:
     # ---- the cache -----------------------------------------------------------------------
 
     def _put(self, raw: bytes, entry: ResolvedKey) -> None:
-        cache = self._cache
+        cache = self.cache
         old = cache.pop(raw, None)
         if old is not None:
             self._unindex(raw, old)
@@ -427,7 +465,7 @@ class KeyResolver:
         negative[raw] = now + self.negative_ttl
 
     def _drop(self, raw: bytes) -> None:
-        entry = self._cache.pop(raw, None)
+        entry = self.cache.pop(raw, None)
         if entry is not None:
             self._unindex(raw, entry)
 
@@ -466,13 +504,13 @@ class KeyResolver:
     def clear(self) -> None:
         """Forget every positive entry (continuity of changes was lost)."""
         self._epoch += 1
-        self._cache.clear()
+        self.cache.clear()
         self._by_key.clear()
         self._by_consumer.clear()
 
     def stats(self) -> dict[str, int]:
         return {
-            "entries": len(self._cache),
+            "entries": len(self.cache),
             "negative_entries": len(self._negative),
             "inflight": len(self._inflight),
             "misses": self.misses,

@@ -116,6 +116,12 @@ def _check_range(start: datetime, end: datetime, group_by: str) -> None:
         raise InvalidInput("group_by must be hour or day", field="group_by")
 
 
+def _check_route(route: str | None) -> None:
+    # No route name holds NUL, and PostgreSQL refuses it in a text parameter.
+    if route is not None and "\x00" in route:
+        raise InvalidInput("route must not contain NUL characters", field="route")
+
+
 def _hourly_filters(
     key_id: uuid.UUID | None, consumer_id: uuid.UUID | None, route: str | None,
     start: datetime, end: datetime,
@@ -200,6 +206,7 @@ async def usage_report(
     grouping or cursor.
     """
     _check_range(start, end, group_by)
+    _check_route(route)
     where = _hourly_filters(key_id, consumer_id, route, start, end)
 
     # One grouped query per hour: the series, and the totals summed from it.

@@ -151,7 +151,9 @@ def event_row(event: UsageEvent) -> Row:
     clamped. Raises only for something that is not a usage event at all.
     """
     ts = event.ts
-    if ts.tzinfo is not UTC:
+    if not isinstance(ts, datetime):
+        ts = datetime.fromtimestamp(ts, UTC)
+    elif ts.tzinfo is not UTC:
         ts = ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
     status = event.status
     if type(status) is not int or not 0 <= status <= 999:
