@@ -195,6 +195,7 @@ def test_quickstart_serves_the_demo_for_real(tmp_path: Path) -> None:
     import subprocess
     import sys
     import time
+    import urllib.error
     import urllib.request
 
     from support.gateway import free_ports
@@ -226,6 +227,17 @@ def test_quickstart_serves_the_demo_for_real(tmp_path: Path) -> None:
         assert request_id
         printed = (tmp_path / "quickstart.log").read_text()
         assert f"curl -i http://127.0.0.1:{port}/demo/hello" in printed
+        # The keyed route: the printed curl line works, and without its key it is a 401.
+        keyed = next(line for line in printed.splitlines() if "X-API-Key: tw_live_" in line)
+        key = keyed.split("X-API-Key: ", 1)[1].split("'", 1)[0]
+        url = f"http://127.0.0.1:{port}/keyed/hello"
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"X-API-Key": key})) as r:
+            assert r.status == 200
+        try:
+            urllib.request.urlopen(url)
+            raise AssertionError("the keyed route answered without a key")
+        except urllib.error.HTTPError as err:
+            assert err.code == 401
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(15)

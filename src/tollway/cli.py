@@ -253,14 +253,33 @@ def quickstart(
         data_dir=data_dir,
         workers=1,
     )
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from tollway.demo.provision import demo_key
     from tollway.gateway.app import serve as run
+    from tollway.identity.errors import IdentityError
+    from tollway.identity.pepper import PepperMismatch
 
-    panel = _quickstart_panel(settings, upstream_port)
-    # Printed once the listeners are up, so the curl line works when it shows.
-    raise typer.Exit(run(settings, on_ready=lambda: console.print(panel)))
+    try:
+        key: str | None = asyncio.run(demo_key(settings))
+    except (OSError, SQLAlchemyError, IdentityError, PepperMismatch) as exc:
+        # The demo key is a convenience: say why there is none, and serve anyway.
+        console.print(f"[yellow]no demo API key: {exc}[/yellow]")
+        key = None
+    panel = _quickstart_panel(settings, upstream_port, key)
+
+    def ready() -> None:
+        # Printed once the listeners are up, so the curl lines work when they show.
+        console.print(panel)
+        if key is not None:
+            # Outside the box and unwrapped, so that it can be copied as one line.
+            print(f"curl -i -H 'X-API-Key: {key}' http://{settings.host}:{settings.port}/keyed/hello",
+                  flush=True)
+
+    raise typer.Exit(run(settings, on_ready=ready))
 
 
-def _quickstart_panel(settings: Settings, upstream_port: int) -> Panel:
+def _quickstart_panel(settings: Settings, upstream_port: int, key: str | None) -> Panel:
     proxy = f"http://{settings.host}:{settings.port}"
     body = Text.assemble(
         ("proxy     ", "bold"),
@@ -278,6 +297,15 @@ def _quickstart_panel(settings: Settings, upstream_port: int) -> Panel:
         ("try: ", "bold green"),
         f"curl -i {proxy}/demo/hello",
         "\n",
+        *(
+            (
+                ("with a key: ", "bold green"),
+                "the curl line below this box (/keyed needs an API key)",
+                "\n",
+            )
+            if key
+            else ()
+        ),
         ("stop: ", "dim"),
         ("Ctrl-C", "dim"),
     )
