@@ -279,16 +279,7 @@ class KeyAuth(Plugin[KeyAuthConfig]):
             now = resolver.clock()
             if now < entry.valid_until:
                 resolver.used[entry.key_ref] = now
-                headers = ctx.headers
-                if remove is not None:
-                    for pair in remove:
-                        headers.remove(pair)
-                if new_query is not None:
-                    ctx.query = new_query
-                if self._forwards:
-                    headers.extend(entry.forward.get(self._forward_key) or self._forward(entry))
-                ctx.consumer = entry.consumer
-                ctx.credential = entry.lookup
+                self._let_through(ctx, entry, remove, new_query)
                 return None
         try:
             result = resolver.resolve(raw)
@@ -332,6 +323,17 @@ class KeyAuth(Plugin[KeyAuthConfig]):
             return Response.error(
                 "insufficient_scope", ctx.request_id, details={"route": route.name}
             )
+        self._let_through(ctx, entry, remove, new_query)
+        return None
+
+    def _let_through(
+        self,
+        ctx: RequestContext,
+        entry: ResolvedKey,
+        remove: list[tuple[bytes, bytes]] | None,
+        new_query: bytes | None,
+    ) -> None:
+        """Let the request through as the key's consumer: credentials out, identity in."""
         headers = ctx.headers
         if remove is not None:
             for pair in remove:
@@ -342,7 +344,6 @@ class KeyAuth(Plugin[KeyAuthConfig]):
             headers.extend(entry.forward.get(self._forward_key) or self._forward(entry))
         ctx.consumer = entry.consumer
         ctx.credential = entry.lookup
-        return None
 
     def _forward(self, entry: ResolvedKey) -> list[tuple[bytes, bytes]]:
         """The identity headers to forward for this entry, memoized on it."""
