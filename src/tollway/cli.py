@@ -257,12 +257,12 @@ def quickstart(
 
     from tollway.demo.provision import demo_key
     from tollway.gateway.app import serve as run
+    from tollway.identity.apikeys import PepperError
     from tollway.identity.errors import IdentityError
-    from tollway.identity.pepper import PepperMismatch
 
     try:
         key: str | None = asyncio.run(demo_key(settings))
-    except (OSError, SQLAlchemyError, IdentityError, PepperMismatch) as exc:
+    except (OSError, SQLAlchemyError, IdentityError, PepperError) as exc:
         # The demo key is a convenience: say why there is none, and serve anyway.
         console.print(f"[yellow]no demo API key: {exc}[/yellow]")
         key = None

@@ -115,8 +115,8 @@ def _run(settings: Settings, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
     from sqlalchemy.exc import DBAPIError, OperationalError
 
     from tollway.admin.token import AdminTokenError
+    from tollway.identity.apikeys import PepperError
     from tollway.identity.errors import IdentityError
-    from tollway.identity.pepper import PepperMismatch
     from tollway.storage.database import default_url
 
     try:
@@ -124,7 +124,7 @@ def _run(settings: Settings, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
     except IdentityError as exc:
         where = f" ({exc.field})" if exc.field and exc.field not in exc.message else ""
         _fail(f"{exc.message}{where}")
-    except (CliError, AdminTokenError, PepperMismatch) as exc:
+    except (CliError, AdminTokenError, PepperError) as exc:
         _fail(str(exc))
     except (OperationalError, DBAPIError, OSError) as exc:
         url = _safe_url(settings.database_url or str(default_url(settings.data_dir)))

@@ -102,8 +102,12 @@ async def open_runtime(settings: Settings, *, data_plane: bool, migrate: bool) -
         redis = Redis.from_url(settings.redis_url)
     runtime = Runtime(settings=settings, database=database, pepper=pepper, redis=redis)
     if data_plane:
-        runtime.keys = KeyResolver(database, pepper, settings, redis)
-        await runtime.keys.start()
-        runtime.usage = UsageRecorder(database, settings)
-        runtime.usage.start()
+        try:
+            runtime.keys = KeyResolver(database, pepper, settings, redis)
+            await runtime.keys.start()
+            runtime.usage = UsageRecorder(database, settings)
+            runtime.usage.start()
+        except BaseException:
+            await runtime.close(0)  # nothing half-open left behind
+            raise
     return runtime

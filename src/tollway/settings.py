@@ -64,4 +64,4 @@ class Settings(BaseSettings):
     usage_queue_size: int = Field(default=100_000, ge=1)
     usage_batch_size: int = Field(default=1000, ge=1)
     usage_flush_interval: float = Field(default=0.5, gt=0)
-    usage_retention_days: int = Field(default=30, ge=1)
+    usage_retention_days: int = Field(default=30, ge=1, le=36500)

@@ -38,3 +38,11 @@ async def test_gateway_with_another_pepper_does_not_start(tmp_path: Path) -> Non
 def test_sqlite_file_is_private(tmp_path: Path) -> None:
     Database(default_url(tmp_path))
     assert os.stat(tmp_path / "tollway.db").st_mode & 0o777 == 0o600
+
+
+def test_an_empty_pepper_file_is_refused(tmp_path: Path) -> None:
+    from tollway.identity.apikeys import PEPPER_FILE, PepperError, load_pepper
+
+    (tmp_path / PEPPER_FILE).write_bytes(b"\n")
+    with pytest.raises(PepperError, match="TOLLWAY_KEY_PEPPER"):
+        load_pepper(None, tmp_path)

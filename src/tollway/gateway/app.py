@@ -33,7 +33,7 @@ from tollway.config.reload import ConfigWatcher
 from tollway.config.schema import GatewayConfig
 from tollway.config.snapshot import Snapshot, build_snapshot
 from tollway.gateway.dataplane import DataPlane
-from tollway.identity.pepper import PepperMismatch
+from tollway.identity.apikeys import PepperError
 from tollway.observability import metrics as metrics_mod
 from tollway.observability.health import HealthRegistry
 from tollway.observability.logging import configure_logging
@@ -301,7 +301,7 @@ async def _run_parent(
         if not children:
             break
     forward(signal.SIGTERM)
-    deadline = loop.time() + settings.shutdown_timeout + 5
+    deadline = loop.time() + _worker_exit_budget(settings)
     while children and loop.time() < deadline:
         for pid in list(children):
             done, _ = os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 (WNOHANG: no wait)
@@ -350,7 +350,7 @@ def serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> int
     finally:
         # However the parent ends (its admin port taken, a crash), no worker may
         # outlive it holding the proxy port.
-        _end_children(children, settings.shutdown_timeout + 5)
+        _end_children(children, _worker_exit_budget(settings))
 
 
 async def _migrate(settings: Settings) -> int:
@@ -363,11 +363,20 @@ async def _migrate(settings: Settings) -> int:
     return 0
 
 
+def _worker_exit_budget(settings: Settings) -> float:
+    """How long a worker may take to exit after SIGTERM before it is killed.
+
+    It drains in-flight requests (up to shutdown_timeout), then flushes its usage
+    queue (up to shutdown_timeout again): killing it sooner loses usage rows.
+    """
+    return 2 * settings.shutdown_timeout + 5
+
+
 def _startup_errors_as_exit(run: Callable[[], int]) -> int:
     """A port that cannot be bound is an operator's problem to read, not a traceback."""
     try:
         return run()
-    except (ServerStartError, PepperMismatch, DatabaseUnavailable, OSError) as exc:
+    except (ServerStartError, PepperError, DatabaseUnavailable, OSError) as exc:
         log.error("tollway could not start", error=str(exc))
         print(f"error: {exc}", file=sys.stderr)
         return 1

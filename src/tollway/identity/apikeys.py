@@ -28,6 +28,10 @@ _ALPHABET_SET = frozenset(_ALPHABET)
 PEPPER_FILE = "key_pepper"
 
 
+class PepperError(RuntimeError):
+    """The key pepper cannot be used; the message says what to set."""
+
+
 def _base62(number: int, width: int) -> str:
     digits = []
     while number:
@@ -72,9 +76,14 @@ def load_pepper(configured: str | None, data_dir: Path) -> bytes:
         return configured.encode()
     path = data_dir / PEPPER_FILE
     try:
-        return path.read_bytes().strip()
+        stored = path.read_bytes().strip()
     except FileNotFoundError:
         pass
+    else:
+        if not stored:
+            # An empty pepper would hash every key with no secret at all.
+            raise PepperError(f"{path} is empty: restore it, or set TOLLWAY_KEY_PEPPER")
+        return stored
     data_dir.mkdir(parents=True, exist_ok=True)
     pepper = secrets.token_hex(32).encode()
     # Written aside, then linked into place: link fails when another process got

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from tollway.identity.apikeys import PepperError
 from tollway.storage.database import Database
 from tollway.storage.models import InstanceSetting
 
@@ -23,7 +24,7 @@ SETTING = "key_pepper_fingerprint"
 _LABEL = b"tollway key pepper fingerprint v1"
 
 
-class PepperMismatch(RuntimeError):
+class PepperMismatch(PepperError):
     """This process's key pepper is not the one the database's keys were made with."""
 
 

@@ -16,7 +16,7 @@ import binascii
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Select, and_, or_
@@ -62,6 +62,9 @@ def decode_cursor(cursor: str, id_type: type[Any] = uuid.UUID) -> tuple[datetime
         ts = datetime.fromisoformat(data[0])
         if ts.tzinfo is None:
             raise ValueError("naive timestamp")
+        # Converted here, where an overflow (a time before year 1 in UTC) is a bad
+        # cursor, rather than when the query binds it (a 500).
+        ts = ts.astimezone(UTC)
         ident: Any
         if id_type is uuid.UUID:
             if not isinstance(data[1], str):
@@ -71,7 +74,7 @@ def decode_cursor(cursor: str, id_type: type[Any] = uuid.UUID) -> tuple[datetime
             if not isinstance(data[1], int) or isinstance(data[1], bool):
                 raise ValueError("bad id")
             ident = data[1]
-    except (ValueError, TypeError, UnicodeError, binascii.Error) as exc:
+    except (ValueError, TypeError, OverflowError, UnicodeError, binascii.Error) as exc:
         raise InvalidInput("invalid cursor", field="cursor") from exc
     return ts, ident
 
