@@ -27,6 +27,7 @@ from types import FrameType
 from typing import Any
 
 import accounts
+import exact_load
 import nginx as nginx_conf
 from harness import (
     BenchError,
@@ -49,7 +50,7 @@ REPO = BENCH_DIR.parent
 CONFIGS = BENCH_DIR / "configs"
 RESULTS = BENCH_DIR / "results"
 
-SCENARIOS = ("nginx", "noplugins", "plugins", "keyauth", "usage", "soak", "router")
+SCENARIOS = ("nginx", "noplugins", "plugins", "keyauth", "usage", "usagerows", "soak", "router")
 THROUGHPUT = ("nginx", "noplugins", "plugins", "keyauth", "usage")
 
 TOLLWAY_START_DEADLINE_S = 20.0
@@ -64,6 +65,7 @@ RATIO_PLUGINS = 0.5
 # records written to PostgreSQL cost at most 5 % more, and every request is a row.
 RATIO_KEYAUTH_TO_NOPLUGINS = 0.90
 RATIO_USAGE_TO_KEYAUTH = 0.95
+USAGE_EXACT_REQUESTS = 200_000
 SOAK_FIRST = 200_000
 SOAK_TOTAL = 1_000_000
 SOAK_RSS_LIMIT_MB = 80.0
@@ -136,6 +138,16 @@ class SoakResult:
     at_first: tuple[int, int] | None = None
     at_total: tuple[int, int] | None = None
     errors: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class UsageRowsResult:
+    """Exactly USAGE_EXACT_REQUESTS keyed requests, then SIGTERM, then the rows counted."""
+
+    error: str | None = None
+    statuses: dict[int, int] = field(default_factory=dict)
+    rows: int | None = None
     seconds: float = 0.0
 
 
@@ -364,6 +376,41 @@ def soak(
     return res
 
 
+def usage_rows(
+    procs: Processes, tmp: Path, cores: Cores, upstream_port: int, cmd: str
+) -> UsageRowsResult:
+    """Send an exact number of requests with usage to PostgreSQL; every one is a row."""
+    res = UsageRowsResult()
+    url = accounts.create_pg_database()
+    try:
+        data_dir = tmp / "tollway-usagerows-data"
+        headers = (f"X-API-Key: {accounts.provision(url, data_dir)}",)
+        proc, port = start_tollway(
+            procs, tmp, "tollway-usagerows", CONFIGS / "usage.yaml", cores.proxy,
+            upstream_port, cmd, extra_env={"TOLLWAY_DATABASE_URL": url},
+            check_headers=headers,
+        )
+        log(f"usage rows: {USAGE_EXACT_REQUESTS:,} keyed requests, then SIGTERM")
+        start = time.monotonic()
+        # The loader runs on the load core, beside the upstream, like wrk.
+        own = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {cores.load})
+        try:
+            statuses = exact_load.send_exactly(port, headers, USAGE_EXACT_REQUESTS)
+        finally:
+            os.sched_setaffinity(0, own)
+        res.seconds = time.monotonic() - start
+        res.statuses = dict(statuses)
+        procs.stop(proc)  # SIGTERM: the gateway writes its queue before it exits
+        # The check request at start (start_tollway's GET /) is one more row.
+        res.rows = accounts.usage_rows(url) - 1
+    except (BenchError, OSError) as exc:
+        res.error = str(exc)
+    finally:
+        accounts.drop_pg_database(url)
+    return res
+
+
 def router() -> tuple[float | None, str | None]:
     """Run bench/router_bench.py's `run()` (µs per match among 10,000 routes)."""
     if str(BENCH_DIR) not in sys.path:
@@ -387,6 +434,7 @@ def checks_for(
     soak_res: SoakResult | None,
     router_res: tuple[float | None, str | None] | None,
     connections: int = 50,
+    rows_res: UsageRowsResult | None = None,
 ) -> list[Check]:
     out: list[Check] = []
     ref = targets.get("nginx")
@@ -497,6 +545,23 @@ def checks_for(
                 )
             )
 
+    if rows_res is not None:
+        n = f"{USAGE_EXACT_REQUESTS:,}"
+        title = f"usage: {n} requests are exactly {n} rows"
+        if rows_res.error is not None or rows_res.rows is None:
+            out.append(Check(title, "ERROR", rows_res.error or "rows not counted"))
+        else:
+            ok = rows_res.statuses == {200: USAGE_EXACT_REQUESTS}
+            ok = ok and rows_res.rows == USAGE_EXACT_REQUESTS
+            out.append(
+                Check(
+                    title,
+                    "PASS" if ok else "FAIL",
+                    f"answers {rows_res.statuses}, {rows_res.rows:,} rows "
+                    f"({rows_res.seconds:.0f}s)",
+                )
+            )
+
     if router_res is not None:
         us, note = router_res
         title = f"routing among 10,000 routes: < {ROUTER_LIMIT_US:g} us a request"
@@ -594,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     targets: list[Target] = []
     soak_res: SoakResult | None = None
     router_res: tuple[float | None, str | None] | None = None
+    rows_res: UsageRowsResult | None = None
     fatal: str | None = None
     load_before = loadavg()
     if load_before > BUSY_LOAD:
@@ -606,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
         + (" (only one core available: all share it)" if cores.shared else "")
     )
     try:
-        needs_upstream = bool(scen & {*THROUGHPUT, "soak"})
+        needs_upstream = bool(scen & {*THROUGHPUT, "soak", "usagerows"})
         upstream_port = 0
         upstream: Proc | None = None
         if needs_upstream:
@@ -687,6 +753,8 @@ def main(argv: list[str] | None = None) -> int:
                         t.usage_rows = accounts.usage_rows(t.database_url)
                     finally:
                         accounts.drop_pg_database(t.database_url)
+        if "usagerows" in scen:
+            rows_res = usage_rows(procs, tmp, cores, upstream_port, args.tollway_cmd)
         if "soak" in scen:
             soak_res = soak(procs, tmp, cores, upstream_port, args.connections, args.tollway_cmd)
         procs.stop_all()
@@ -707,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
     by_key = {t.key: t for t in targets}
-    checks = checks_for(by_key, soak_res, router_res, args.connections)
+    checks = checks_for(by_key, soak_res, router_res, args.connections, rows_res)
     checks = [
         Check(c.name.replace("{c}", str(args.connections)), c.status, c.detail) for c in checks
     ]
@@ -785,6 +853,14 @@ def main(argv: list[str] | None = None) -> int:
             "requests_at_first": None if soak_res.at_first is None else soak_res.at_first[0],
             "rss_mb_at_total": None if soak_res.at_total is None else soak_res.at_total[1] / 1024,
             "requests_at_total": None if soak_res.at_total is None else soak_res.at_total[0],
+        },
+        "usage_rows": None
+        if rows_res is None
+        else {
+            "error": rows_res.error,
+            "statuses": rows_res.statuses,
+            "rows": rows_res.rows,
+            "seconds": rows_res.seconds,
         },
         "router": None
         if router_res is None
