@@ -46,10 +46,6 @@ LimitQuery = Annotated[
 ]
 
 
-def page_limit(limit: int) -> int:
-    return min(limit, MAX_LIMIT)
-
-
 async def commit_and_announce(session: AsyncSession, runtime: Runtime) -> None:
     """Commit the change, then tell every gateway's key cache to forget what changed.
 

@@ -17,7 +17,6 @@ from tollway.admin.deps import (
     RuntimeDep,
     SessionDep,
     commit_and_announce,
-    page_limit,
 )
 from tollway.admin.schemas import (
     KeyCreate,
@@ -65,7 +64,7 @@ async def list_keys(
 ) -> KeyList:
     """Keys, newest first, one page at a time (never their secrets)."""
     page = await keys.list_keys(
-        session, consumer_id=user_id, status=status, cursor=cursor, limit=page_limit(limit)
+        session, consumer_id=user_id, status=status, cursor=cursor, limit=limit
     )
     return KeyList(items=[KeyOut.of(k) for k in page.items], next_cursor=page.next_cursor)
 

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
-from tollway.admin.deps import ERRORS_DOC, CursorQuery, LimitQuery, SessionDep, page_limit
+from tollway.admin.deps import ERRORS_DOC, CursorQuery, LimitQuery, SessionDep
 from tollway.admin.schemas import (
     UsageOut,
     UsagePeriod,
@@ -132,7 +132,7 @@ async def key_usage(
         end=end,
         group_by=group_by,
         cursor=cursor,
-        limit=page_limit(limit),
+        limit=limit,
     )
     return report_out(
         report, key_id=key.id, user_id=key.consumer_id, route=None,
@@ -163,7 +163,7 @@ async def usage(
         end=end,
         group_by=group_by,
         cursor=cursor,
-        limit=page_limit(limit),
+        limit=limit,
     )
     return report_out(
         report, key_id=None, user_id=user_id, route=route,

@@ -14,7 +14,6 @@ from tollway.admin.deps import (
     RuntimeDep,
     SessionDep,
     commit_and_announce,
-    page_limit,
 )
 from tollway.admin.schemas import Email, UserCreate, UserList, UserOut, UserStatus, UserUpdate
 from tollway.identity import consumers
@@ -71,7 +70,7 @@ async def list_users(
 ) -> UserList:
     """Users, newest first, one page at a time."""
     page = await consumers.list_consumers(
-        session, email=email, status=status, cursor=cursor, limit=page_limit(limit)
+        session, email=email, status=status, cursor=cursor, limit=limit
     )
     return UserList(items=[UserOut.of(c) for c in page.items], next_cursor=page.next_cursor)
 
