@@ -22,13 +22,10 @@ from pathlib import Path
 import uvicorn
 from starlette.types import ASGIApp
 
+from tollway.admin.errors import ServerStartError
 from tollway.observability.logging import get_logger
 
 _log = get_logger("tollway.admin.server")
-
-
-class ServerStartError(RuntimeError):
-    """The embedded server could not start listening or its app failed to start."""
 
 
 class EmbeddedServer:

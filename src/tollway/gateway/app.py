@@ -19,13 +19,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import uvloop
 
-from tollway.admin.app import AdminState, create_admin_app
-from tollway.admin.server import EmbeddedServer, ServerStartError
+from tollway.admin.errors import ServerStartError
 from tollway.admin.token import AdminToken, AdminTokenError, load_admin_token
 from tollway.config.errors import ConfigError
 from tollway.config.loader import load_config
@@ -47,6 +46,9 @@ from tollway.runtime import (
 from tollway.settings import Settings
 from tollway.storage.migrate import upgrade
 from tollway.upstream.probe import probe_services
+
+if TYPE_CHECKING:
+    from tollway.admin.server import EmbeddedServer
 
 log = structlog.get_logger("tollway.app")
 
@@ -123,6 +125,11 @@ class Gateway:
                 raise ServerStartError(str(exc)) from exc
             if token.generated:
                 _announce_admin_token(token)
+            # Imported here: FastAPI, uvicorn and the admin routers cost a data-plane
+            # worker (which never serves them) about 11 MB of resident memory.
+            from tollway.admin.app import AdminState, create_admin_app
+            from tollway.admin.server import EmbeddedServer
+
             state = AdminState(
                 settings=self.settings,
                 health=self.health,
@@ -240,7 +247,7 @@ def _install_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) 
 
 
 async def _run_single(settings: Settings, on_ready: Callable[[], None] | None) -> int:
-    gateway = Gateway(settings)
+    gateway = Gateway(settings, migrate=False)  # serve() migrated in a child
     await gateway.start()
     log.info(
         "tollway listening",
@@ -323,13 +330,15 @@ def serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> int
         for issue in exc.issues:
             print(f"config error: {issue}", file=sys.stderr)
         return 2
+    # Migrate once, before any worker exists, so that workers never race over the
+    # schema; in a child of its own, so that Alembic and the migration's garbage
+    # (12 MB or more) stay out of the serving processes.
+    code = _in_child(lambda: _startup_errors_as_exit(lambda: uvloop.run(_migrate(settings))))
+    if code:
+        return code
     if settings.workers == 1:
         metrics_mod.setup_multiprocess(None)
         return _startup_errors_as_exit(lambda: uvloop.run(_run_single(settings, on_ready)))
-    # Migrate once, before forking, so that workers never race over the schema.
-    code = _startup_errors_as_exit(lambda: uvloop.run(_migrate(settings)))
-    if code:
-        return code
     metrics_dir = Path(settings.data_dir) / "metrics"
     metrics_mod.setup_multiprocess(metrics_dir)
     children: list[int] = []
@@ -361,6 +370,19 @@ async def _migrate(settings: Settings) -> int:
     finally:
         await database.dispose()
     return 0
+
+
+def _in_child(run: Callable[[], int]) -> int:
+    """Run `run` in a forked child and return its exit code."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = run()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
 
 
 def _worker_exit_budget(settings: Settings) -> float:

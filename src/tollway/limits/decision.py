@@ -1,0 +1,47 @@
+"""The answer every limit algorithm gives for one request."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# retry_after for a request that can never pass: its cost is larger than the
+# limit (or burst). Callers must treat an infinite retry_after as "refused
+# forever" (a 429 without a meaningful Retry-After, or a 400/413).
+NEVER = math.inf
+
+# Float tolerance. Times are float seconds since the epoch, whose resolution at
+# today's epoch is about 0.25 microseconds; comparisons allow one microsecond.
+TIME_EPSILON = 1e-6
+COUNT_EPSILON = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Outcome of one check of one limit.
+
+    allowed: the request may pass (and, when allowed, its cost was consumed).
+    limit: the capacity reported to the client (limit, or burst for GCRA).
+    remaining: requests of cost 1 that would pass right now after this one;
+        never negative.
+    reset_after: seconds until the limit is fully replenished (bucket full, or
+        window over); 0 when nothing is consumed.
+    retry_after: seconds until this request's cost would be allowed; 0 when
+        allowed; NEVER (math.inf) when the cost exceeds the capacity.
+    """
+
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_after: float
+    retry_after: float
+
+    @property
+    def never(self) -> bool:
+        """True when this request can never pass (cost above capacity)."""
+        return math.isinf(self.retry_after)
+
+
+def check_cost(cost: int) -> None:
+    if cost < 0:
+        raise ValueError(f"cost must be >= 0, not {cost}")

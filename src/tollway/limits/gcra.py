@@ -1,0 +1,100 @@
+"""GCRA, the generic cell rate algorithm (as redis-cell and throttled use it).
+
+A token bucket expressed as one number, the theoretical arrival time (TAT):
+the instant at which the bucket would be full again. Each request of cost c
+moves the TAT forward by c * T (T = period / limit, the emission interval); the
+request passes when the TAT would stay within burst * T of now.
+
+Parameters map to redis-cell's ``CL.THROTTLE key max_burst count period`` as
+``max_burst = burst - 1``, ``count / period = limit / period``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from tollway.limits.decision import NEVER, TIME_EPSILON, Decision, check_cost
+
+
+@dataclass(frozen=True, slots=True)
+class Gcra:
+    """`limit` requests per `period` seconds, with up to `burst` at once.
+
+    burst defaults to limit (a client idle for a full period may spend it all).
+    """
+
+    limit: int
+    period: float
+    burst: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.limit < 1:
+            raise ValueError("limit must be >= 1")
+        if self.period <= 0:
+            raise ValueError("period must be > 0")
+        if self.burst is not None and self.burst < 1:
+            raise ValueError("burst must be >= 1")
+
+    @property
+    def capacity(self) -> int:
+        return self.limit if self.burst is None else self.burst
+
+    @property
+    def emission_interval(self) -> float:
+        return self.period / self.limit
+
+
+class GcraState(NamedTuple):
+    """TAT in epoch seconds; any TAT <= now (e.g. 0.0) is a full bucket."""
+
+    tat: float = 0.0
+
+
+def _remaining(tau: float, ttl: float, interval: float, capacity: int) -> int:
+    raw = math.floor((tau - ttl + TIME_EPSILON) / interval)
+    return max(0, min(capacity, raw))
+
+
+def gcra(state: GcraState, now: float, cost: int, params: Gcra) -> tuple[Decision, GcraState]:
+    """Check and (when allowed) consume `cost`; a refusal returns `state` unchanged."""
+    check_cost(cost)
+    interval = params.emission_interval
+    capacity = params.capacity
+    tau = capacity * interval
+    tat = max(state.tat, now)
+    new_tat = tat + cost * interval
+    if cost <= capacity and new_tat - now <= tau + TIME_EPSILON:
+        ttl = new_tat - now
+        decision = Decision(
+            allowed=True,
+            limit=capacity,
+            remaining=_remaining(tau, ttl, interval, capacity),
+            reset_after=ttl,
+            retry_after=0.0,
+        )
+        return decision, GcraState(new_tat)
+    ttl = tat - now
+    retry = NEVER if cost > capacity else max(0.0, new_tat - tau - now)
+    decision = Decision(
+        allowed=False,
+        limit=capacity,
+        remaining=_remaining(tau, ttl, interval, capacity),
+        reset_after=ttl,
+        retry_after=retry,
+    )
+    return decision, state
+
+
+def gcra_refund(state: GcraState, now: float, cost: int, params: Gcra) -> GcraState:
+    """Give back `cost` (never beyond a full bucket)."""
+    check_cost(cost)
+    if state.tat <= now:
+        return state
+    return GcraState(max(now, state.tat - cost * params.emission_interval))
+
+
+def gcra_expires_at(state: GcraState, params: Gcra) -> float:
+    """From this instant the state equals a fresh one and may be dropped."""
+    return state.tat
