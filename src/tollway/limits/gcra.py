@@ -3,7 +3,8 @@
 A token bucket expressed as one number, the theoretical arrival time (TAT):
 the instant at which the bucket would be full again. Each request of cost c
 moves the TAT forward by c * T (T = period / limit, the emission interval); the
-request passes when the TAT would stay within burst * T of now.
+request passes when the TAT would stay within burst * T of now. A state belongs
+to one Gcra (its unit is that limit's T): a changed limit starts a fresh state.
 
 Parameters map to redis-cell's ``CL.THROTTLE key max_burst count period`` as
 ``max_burst = burst - 1``, ``count / period = limit / period``.
@@ -47,14 +48,20 @@ class Gcra:
 
 
 class GcraState(NamedTuple):
-    """TAT in epoch seconds; any TAT <= now (e.g. 0.0) is a full bucket."""
+    """The TAT, counted in emission intervals since the epoch (seconds = tat * T).
+
+    Counting in intervals keeps the TAT exact under sustained load: adding an
+    integer cost to it never rounds, where adding cost * T seconds to an epoch
+    timestamp drifts by up to a ULP (about 1e-7 s) per request. Any TAT <= now
+    (e.g. 0.0) is a full bucket.
+    """
 
     tat: float = 0.0
 
 
-def _remaining(tau: float, ttl: float, interval: float, capacity: int) -> int:
-    raw = math.floor((tau - ttl + TIME_EPSILON) / interval)
-    return max(0, min(capacity, raw))
+def _remaining(ahead: float, capacity: int, eps: float) -> int:
+    """Whole tokens left when the TAT is `ahead` intervals after now."""
+    return max(0, min(capacity, math.floor(capacity - ahead + eps)))
 
 
 def gcra(state: GcraState, now: float, cost: int, params: Gcra) -> tuple[Decision, GcraState]:
@@ -62,26 +69,27 @@ def gcra(state: GcraState, now: float, cost: int, params: Gcra) -> tuple[Decisio
     check_cost(cost)
     interval = params.emission_interval
     capacity = params.capacity
-    tau = capacity * interval
-    tat = max(state.tat, now)
-    new_tat = tat + cost * interval
-    if cost <= capacity and new_tat - now <= tau + TIME_EPSILON:
-        ttl = new_tat - now
+    eps = TIME_EPSILON / interval
+    now_u = now / interval
+    tat = max(state.tat, now_u)
+    new_tat = tat + cost
+    if cost <= capacity and new_tat - now_u <= capacity + eps:
+        ahead = new_tat - now_u
         decision = Decision(
             allowed=True,
             limit=capacity,
-            remaining=_remaining(tau, ttl, interval, capacity),
-            reset_after=ttl,
+            remaining=_remaining(ahead, capacity, eps),
+            reset_after=ahead * interval,
             retry_after=0.0,
         )
         return decision, GcraState(new_tat)
-    ttl = tat - now
-    retry = NEVER if cost > capacity else max(0.0, new_tat - tau - now)
+    ahead = tat - now_u
+    retry = NEVER if cost > capacity else max(0.0, (new_tat - capacity - now_u) * interval)
     decision = Decision(
         allowed=False,
         limit=capacity,
-        remaining=_remaining(tau, ttl, interval, capacity),
-        reset_after=ttl,
+        remaining=_remaining(ahead, capacity, eps),
+        reset_after=ahead * interval,
         retry_after=retry,
     )
     return decision, state
@@ -90,11 +98,12 @@ def gcra(state: GcraState, now: float, cost: int, params: Gcra) -> tuple[Decisio
 def gcra_refund(state: GcraState, now: float, cost: int, params: Gcra) -> GcraState:
     """Give back `cost` (never beyond a full bucket)."""
     check_cost(cost)
-    if state.tat <= now:
+    now_u = now / params.emission_interval
+    if state.tat <= now_u:
         return state
-    return GcraState(max(now, state.tat - cost * params.emission_interval))
+    return GcraState(max(now_u, state.tat - cost))
 
 
 def gcra_expires_at(state: GcraState, params: Gcra) -> float:
-    """From this instant the state equals a fresh one and may be dropped."""
-    return state.tat
+    """From this instant (epoch seconds) the state equals a fresh one and may be dropped."""
+    return state.tat * params.emission_interval
