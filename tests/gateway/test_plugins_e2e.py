@@ -15,24 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from support.client import Parsed, exchange_raw, parse_responses
-from support.gateway import running_gateway
+from support.gateway import api_config, running_gateway
 from support.upstream import Received, RecordingUpstream, Reply, echo
 
 
 def config_for(url: str, plugins: str, routes: str = "", top: str = "") -> str:
-    return f"""
-{top}
-services:
-  - name: up
-    url: {url}
-routes:
-  - name: api
-    service: up
-    paths: [/api]
-{routes}
-plugins:
-{plugins}
-"""
+    return api_config(url, f"plugins:\n{plugins}\n", routes=routes, top=top)
 
 
 async def one(port: int, request: bytes) -> Parsed:

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from sqlalchemy import event, select
 
 from support.client import Parsed, exchange_raw, parse_responses
-from support.gateway import running_gateway
+from support.gateway import api_config, running_gateway
 from support.upstream import Received, RecordingUpstream
 from tollway.gateway.app import Gateway
 from tollway.gateway.context import Response
@@ -136,21 +136,8 @@ ROUTES = """
 
 
 def config(url: str, key_auth: str = "", extra_plugins: str = "", top: str = "") -> str:
-    return f"""
-{top}
-services:
-  - name: up
-    url: {url}
-routes:
-  - name: api
-    service: up
-    paths: [/api]
-{ROUTES}
-plugins:
-  - name: key-auth
-    config: {{{key_auth}}}
-{extra_plugins}
-"""
+    plugins = f"plugins:\n  - name: key-auth\n    config: {{{key_auth}}}\n{extra_plugins}\n"
+    return api_config(url, plugins, routes=ROUTES, top=top)
 
 
 @pytest.fixture

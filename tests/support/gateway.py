@@ -17,9 +17,13 @@ from tollway.gateway.app import Gateway
 from tollway.settings import Settings
 
 
-def api_config(upstream_url: str, plugins: str = "") -> str:
-    """The usual test config: one service, one route on /api, optional plugins YAML."""
+def api_config(upstream_url: str, plugins: str = "", routes: str = "", top: str = "") -> str:
+    """The usual test config: one service, one route on /api, optional plugins YAML.
+
+    `routes` adds route entries after /api; `top` adds top-level YAML before services.
+    """
     return f"""
+{top}
 services:
   - name: up
     url: {upstream_url}
@@ -27,6 +31,7 @@ routes:
   - name: api
     service: up
     paths: [/api]
+{routes}
 {plugins}"""
 
 
