@@ -85,7 +85,8 @@ class Gateway:
         self.serve_admin = serve_admin
         self.serve_proxy = serve_proxy
         self.reuse_port = reuse_port
-        # Workers leave migrations to their parent, which ran them before forking.
+        # False under `tollway serve`, which migrated in a child before serving;
+        # True for a gateway embedded in-process (tests), which migrates itself.
         self.migrate = migrate
         self.runtime: Runtime | None = None
         self.metrics = metrics or metrics_mod.GatewayMetrics()
