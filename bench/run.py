@@ -19,12 +19,18 @@ import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit
 
 import accounts
 import exact_load
@@ -39,6 +45,7 @@ from harness import (
     free_port,
     http_get,
     pinned,
+    process_tree,
     run_wrk,
     tool,
     tool_version,
@@ -50,8 +57,13 @@ REPO = BENCH_DIR.parent
 CONFIGS = BENCH_DIR / "configs"
 RESULTS = BENCH_DIR / "results"
 
-SCENARIOS = ("nginx", "noplugins", "plugins", "keyauth", "usage", "usagerows", "soak", "router")
-THROUGHPUT = ("nginx", "noplugins", "plugins", "keyauth", "usage")
+SCENARIOS = (
+    "nginx", "noplugins", "plugins", "keyauth", "usage", "ratelimit", "ratelimitredis",
+    "usagerows", "soak", "router",
+)  # fmt: skip
+THROUGHPUT = ("nginx", "noplugins", "plugins", "keyauth", "usage", "ratelimit", "ratelimitredis")
+# Scenarios with a key provisioned in the gateway's database (the header wrk sends).
+KEYED = ("keyauth", "usage", "ratelimit", "ratelimitredis")
 
 TOLLWAY_START_DEADLINE_S = 20.0
 WARMUP_S = 2
@@ -65,6 +77,19 @@ RATIO_PLUGINS = 0.5
 # records written to PostgreSQL cost at most 5 % more, and every request is a row.
 RATIO_KEYAUTH_TO_NOPLUGINS = 0.90
 RATIO_USAGE_TO_KEYAUTH = 0.95
+# Issue 5: key-auth + rate-limit (three windows, never refusing) costs at most 15 %
+# of the no-plugin throughput with the in-process store, 40 % with Redis; and the
+# Redis store makes one round trip (one EVALSHA) per request, whatever the windows.
+RATIO_RATELIMIT_TO_NOPLUGINS = 0.85
+RATIO_RATELIMIT_REDIS_TO_NOPLUGINS = 0.6
+EVALS_PER_REQUEST = (0.99, 1.01)
+EXACT_REDIS_REQUESTS = 20_000
+# The shared Redis of the dev machine (never flushed: the run uses its own namespace).
+REDIS_URL = "redis://127.0.0.1:6379/0"
+# Commands that run a script: one of them is one round trip of the limiter.
+EVAL_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro")
+REDIS_KEY_PREFIX = "tollway:rl:"  # limits.redis_store's default prefix
+NAMESPACE_PLACEHOLDER = "namespace: BENCH_NAMESPACE"
 USAGE_EXACT_REQUESTS = 200_000
 SOAK_FIRST = 200_000
 SOAK_TOTAL = 1_000_000
@@ -96,6 +121,10 @@ class Target:
     # Usage scenario: the database the rows go to, and the rows found after stop.
     database_url: str | None = None
     usage_rows: int | None = None
+    # Redis rate-limit scenario: script calls seen by Redis and requests answered by
+    # the gateway during this target's own wrk runs (warm-up included).
+    admin_port: int = 0
+    redis: EvalCount | None = None
 
     @property
     def ok(self) -> bool:
@@ -117,7 +146,71 @@ class Target:
                 errors=sum(r.errors for r in self.rounds),
                 rounds=[r.to_dict() for r in self.rounds],
             )
+        if self.redis is not None:
+            r = self.redis
+            d["redis"] = {
+                "namespace": r.namespace,
+                "script_calls": r.evals,
+                "requests_answered": r.answered,
+                "per_request": r.evals / r.answered if r.answered else None,
+                "error": r.error,
+                "exact": {
+                    "requests": EXACT_REDIS_REQUESTS,
+                    "statuses": r.exact_statuses,
+                    "answered": r.exact_answered,
+                    "commands": r.exact_commands,
+                    "connections": r.exact_connections,
+                    "error": r.exact_error,
+                },
+            }
         return d
+
+
+@dataclass
+class EvalCount:
+    """Redis round trips per request of the Redis rate-limit gateway, two ways.
+
+    Requests: the sum of tollway_requests_total on the gateway's admin /metrics
+    (one worker: rendering flushes the process's counters first, so the figure is
+    exact at that moment); it counts every request the proxy answered, including
+    the ones wrk cut in flight at the end of a run (wrk's own count leaves those out).
+
+    1. Over the wrk runs (warm-up and rounds): INFO commandstats, the `calls` of
+       EVAL_COMMANDS, whole server. The Redis is shared: tests running on it at the
+       same time add script calls this gateway did not make, so this figure is only
+       an upper bound (it read 1.10 with three test suites on the Redis).
+    2. Exact, the figure the check uses: after the rounds, EXACT_REDIS_REQUESTS more
+       requests with MONITOR on, counting every command sent from this gateway's own
+       Redis connections (its sockets, found in /proc) and nothing else.
+    """
+
+    url: str
+    admin_port: int
+    namespace: str
+    evals: int = 0
+    answered: int = 0
+    error: str | None = None
+    # The exact phase.
+    exact_statuses: dict[int, int] = field(default_factory=dict)
+    exact_answered: int = 0
+    exact_commands: dict[str, int] = field(default_factory=dict)  # by command name
+    exact_connections: int = 0
+    exact_error: str | None = None
+
+    def around(self, run: Callable[[], WrkResult]) -> WrkResult:
+        """Run `run` (one wrk run), adding what it caused to both counts."""
+        try:
+            evals0, answered0 = redis_evals(self.url), gateway_requests(self.admin_port)
+        except (BenchError, OSError) as exc:
+            self.error = f"could not read the counts: {exc}"
+        result = run()
+        if self.error is None:
+            try:
+                self.evals += redis_evals(self.url) - evals0
+                self.answered += gateway_requests(self.admin_port) - answered0
+            except (BenchError, OSError) as exc:
+                self.error = f"could not read the counts: {exc}"
+        return result
 
 
 @dataclass
@@ -226,9 +319,10 @@ def start_tollway(
     cmd: str,
     extra_env: dict[str, str] | None = None,
     check_headers: tuple[str, ...] = (),
+    admin_port: int = 0,
 ) -> tuple[Proc, int]:
     """Start Tollway pinned to `core`; BenchError("tollway did not start ...") on failure."""
-    port, admin_port = free_port(), free_port()
+    port, admin_port = free_port(), admin_port or free_port()
     data_dir = tmp / f"{name}-data"
     data_dir.mkdir(exist_ok=True)
     env = {
@@ -276,6 +370,180 @@ def start_tollway(
     raise BenchError(f"tollway started but {problem}; output tail:\n{tail}")
 
 
+def redis_evals(url: str) -> int:
+    """Script calls Redis has run since its start (INFO commandstats)."""
+    from redis import Redis, RedisError
+
+    client = Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
+    try:
+        stats = client.info("commandstats")
+    except (RedisError, OSError) as exc:
+        raise BenchError(f"INFO commandstats on {url}: {exc}") from exc
+    finally:
+        client.close()
+    return sum(int(stats.get(f"cmdstat_{cmd}", {}).get("calls", 0)) for cmd in EVAL_COMMANDS)
+
+
+def delete_namespace(url: str, namespace: str) -> int:
+    """Delete this run's rate-limit counters (its own namespace only; never a flush)."""
+    from redis import Redis, RedisError
+
+    client = Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
+    try:
+        # Keys read "<prefix>{<count>|<len>:<namespace>|...}:<slot>" (redis_store).
+        pattern = f"{REDIS_KEY_PREFIX}*:{namespace}|*"
+        keys = list(client.scan_iter(match=pattern, count=1000))
+        return int(client.delete(*keys)) if keys else 0
+    except (RedisError, OSError) as exc:
+        log(f"warning: could not delete the bench counters ({pattern}): {exc}")
+        return 0
+    finally:
+        client.close()
+
+
+def gateway_requests(admin_port: int) -> int:
+    """Requests the gateway answered: tollway_requests_total summed over its labels."""
+    status, body = http_get(admin_port, "/metrics")
+    if status != 200:
+        raise BenchError(f"GET /metrics on the admin port gave {status}")
+    total = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith("tollway_requests_total"):
+            total += float(line.rsplit(None, 1)[1])
+    return round(total)
+
+
+def namespaced_config(tmp: Path, name: str, namespace: str) -> Path:
+    """A temp copy of configs/<name> with the rate-limit namespace made unique."""
+    text = (CONFIGS / name).read_text()
+    if text.count(NAMESPACE_PLACEHOLDER) != 1:
+        raise BenchError(f"configs/{name} must hold exactly one {NAMESPACE_PLACEHOLDER!r}")
+    path = tmp / name
+    path.write_text(text.replace(NAMESPACE_PLACEHOLDER, f"namespace: {namespace}"))
+    return path
+
+
+class RedisMonitor(threading.Thread):
+    """MONITOR on a Redis: commands counted by client address and command name,
+    until the command that carries `sentinel` (sent by `stop()`) comes through."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.sentinel = f"bench-monitor-end-{uuid.uuid4().hex}"
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self.error: str | None = None
+        self.ready = threading.Event()
+
+    def run(self) -> None:
+        from redis import Redis, RedisError
+
+        client = Redis.from_url(self.url, socket_timeout=30.0, socket_connect_timeout=5.0)
+        conn = client.connection_pool.get_connection()
+        try:
+            conn.send_command("MONITOR")
+            conn.read_response()  # OK
+            self.ready.set()
+            while True:
+                raw = conn.read_response()
+                line = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+                if self.sentinel in line:
+                    return
+                # <time> [<db> <client address, or lua>] "COMMAND" "arg" ...
+                start, end = line.find("["), line.find("]")
+                who = line[start + 1 : end].partition(" ")[2]
+                command = line[end + 2 :].split('"', 2)[1].upper()
+                self.counts[(who, command)] += 1
+        except (RedisError, OSError, IndexError) as exc:
+            self.error = f"MONITOR: {type(exc).__name__}: {exc}"
+        finally:
+            self.ready.set()
+            conn.disconnect()
+            client.close()
+
+    def stop(self) -> None:
+        from redis import Redis
+
+        client = Redis.from_url(self.url, socket_timeout=5.0, socket_connect_timeout=5.0)
+        try:
+            client.echo(self.sentinel)
+        finally:
+            client.close()
+        self.join(30.0)
+        if self.is_alive():
+            self.error = "MONITOR did not see the end marker within 30 s"
+
+
+def redis_client_addresses(root_pid: int, redis_port: int) -> set[str]:
+    """ "127.0.0.1:<port>" of every TCP connection the process tree of `root_pid` has
+    open to `redis_port` (how MONITOR names a client), from /proc."""
+    inodes: set[str] = set()
+    for pid in process_tree(root_pid):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    out: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            local, remote, inode = f[1], f[2], f[9]
+            if inode in inodes and int(remote.rsplit(":", 1)[1], 16) == redis_port:
+                out.add(f"127.0.0.1:{int(local.rsplit(':', 1)[1], 16)}")
+    return out
+
+
+def exact_redis_count(t: Target, cores: Cores) -> None:
+    """The exact phase of EvalCount: a known number of requests, MONITOR on, and the
+    commands of this gateway's own Redis connections counted."""
+    count = t.redis
+    assert count is not None and t.proc is not None
+    redis_port = urlsplit(count.url).port or 6379
+    monitor = RedisMonitor(count.url)
+    log(f"rate-limit (Redis): {EXACT_REDIS_REQUESTS:,} requests with Redis MONITOR on")
+    try:
+        answered0 = gateway_requests(count.admin_port)
+        monitor.start()
+        monitor.ready.wait(10.0)
+        if monitor.error is not None:
+            raise BenchError(monitor.error)
+        own = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {cores.load})  # the loader beside the upstream, like wrk
+        try:
+            statuses = exact_load.send_exactly(t.port, t.headers, EXACT_REDIS_REQUESTS)
+        finally:
+            os.sched_setaffinity(0, own)
+        count.exact_answered = gateway_requests(count.admin_port) - answered0
+        # The limiter's connections stay open in its pool: read them before stop().
+        ours = redis_client_addresses(t.proc.pid, redis_port)
+        monitor.stop()
+        if monitor.error is not None:
+            raise BenchError(monitor.error)
+        count.exact_statuses = dict(statuses)
+        count.exact_connections = len(ours)
+        commands: Counter[str] = Counter()
+        for (who, command), n in monitor.counts.items():
+            if who in ours:
+                commands[command] += n
+        count.exact_commands = dict(commands)
+    except (BenchError, OSError, ConnectionError) as exc:
+        count.exact_error = str(exc)
+    finally:
+        if monitor.is_alive():
+            monitor.stop()
+
+
 def wrk_for(target: Target, cores: Cores, duration: int, connections: int) -> WrkResult:
     return run_wrk(
         target.port,
@@ -289,6 +557,11 @@ def wrk_for(target: Target, cores: Cores, duration: int, connections: int) -> Wr
 # ---------------------------------------------------------------- scenarios
 
 
+def counted(t: Target, run: Callable[[], WrkResult]) -> WrkResult:
+    """One wrk run; for the Redis rate-limit target, with script calls counted."""
+    return run() if t.redis is None else t.redis.around(run)
+
+
 def throughput(
     targets: list[Target], cores: Cores, duration: int, connections: int, rounds: int
 ) -> None:
@@ -296,7 +569,7 @@ def throughput(
     for t in live:
         log(f"warm-up {t.label} ({WARMUP_S}s)")
         try:
-            t.warm_requests = wrk_for(t, cores, WARMUP_S, connections).requests
+            t.warm_requests = counted(t, partial(wrk_for, t, cores, WARMUP_S, connections)).requests
         except BenchError as exc:
             t.error = f"warm-up failed: {exc}"
     for rnd in range(1, rounds + 1):
@@ -307,13 +580,13 @@ def throughput(
                 t.error = f"process exited ({t.proc.poll()}): {t.proc.stderr_tail(10)}"
                 continue
             try:
-                r = wrk_for(t, cores, duration, connections)
+                r = counted(t, partial(wrk_for, t, cores, duration, connections))
             except BenchError as exc:
                 t.error = str(exc)
                 continue
             t.rounds.append(r)
             log(
-                f"round {rnd}/{rounds} {t.label:<36} {r.rps:>10.1f} req/s  "
+                f"round {rnd}/{rounds} {t.label:<40} {r.rps:>10.1f} req/s  "
                 f"p50 {fmt_ms(r.p50_ms)}  p99 {fmt_ms(r.p99_ms)}"
                 + (f"  errors {r.errors}" if r.errors else "")
             )
@@ -386,8 +659,14 @@ def usage_rows(
         data_dir = tmp / "tollway-usagerows-data"
         headers = (f"X-API-Key: {accounts.provision(url, data_dir)}",)
         proc, port = start_tollway(
-            procs, tmp, "tollway-usagerows", CONFIGS / "usage.yaml", cores.proxy,
-            upstream_port, cmd, extra_env={"TOLLWAY_DATABASE_URL": url},
+            procs,
+            tmp,
+            "tollway-usagerows",
+            CONFIGS / "usage.yaml",
+            cores.proxy,
+            upstream_port,
+            cmd,
+            extra_env={"TOLLWAY_DATABASE_URL": url},
             check_headers=headers,
         )
         log(f"usage rows: {USAGE_EXACT_REQUESTS:,} keyed requests, then SIGTERM")
@@ -492,6 +771,61 @@ def checks_for(
     relative_check(
         "usage", "keyauth", "tollway, key-auth + usage to PostgreSQL", RATIO_USAGE_TO_KEYAUTH
     )
+    relative_check(
+        "ratelimit",
+        "noplugins",
+        "tollway, key-auth + rate-limit (memory)",
+        RATIO_RATELIMIT_TO_NOPLUGINS,
+    )
+    relative_check(
+        "ratelimitredis",
+        "noplugins",
+        "tollway, key-auth + rate-limit (Redis)",
+        RATIO_RATELIMIT_REDIS_TO_NOPLUGINS,
+    )
+    t = targets.get("ratelimitredis")
+    if t is not None:
+        low, high = EVALS_PER_REQUEST
+        title = f"rate-limit (Redis): Redis commands per request in [{low:g}, {high:g}]"
+        count = t.redis
+        if not t.ok:
+            out.append(Check(title, "ERROR", t.error or "no rounds"))
+        elif count is None or count.exact_error is not None or count.exact_answered <= 0:
+            why = count.exact_error if count is not None else None
+            out.append(Check(title, "ERROR", why or "no requests counted"))
+        else:
+            # Exact: only this gateway's own connections are counted, so a test
+            # running on the shared Redis meanwhile adds nothing. The 1 % of slack is
+            # for the gateway's own background commands (a second round trip per
+            # request would read 2.00); below 0.99, requests went unchecked.
+            sent = sum(count.exact_commands.values())
+            per = sent / count.exact_answered
+            evals = sum(count.exact_commands.get(c.upper(), 0) for c in EVAL_COMMANDS)
+            others = ", ".join(
+                f"{name} {n:,}"
+                for name, n in sorted(count.exact_commands.items())
+                if name.lower() not in EVAL_COMMANDS
+            )
+            all_ok = count.exact_statuses == {200: EXACT_REDIS_REQUESTS}
+            statuses = "all 200" if all_ok else f"statuses {count.exact_statuses}"
+            whole = (
+                f"{count.evals / count.answered:.3f} script calls per request "
+                f"({count.evals:,} / {count.answered:,})"
+                if count.error is None and count.answered > 0
+                else f"not measured ({count.error})"
+            )
+            out.append(
+                Check(
+                    title,
+                    "PASS" if low <= per <= high and all_ok else "FAIL",
+                    f"{per:.4f}: {sent:,} commands from the gateway's "
+                    f"{count.exact_connections} Redis connections for "
+                    f"{count.exact_answered:,} requests answered, {statuses} "
+                    f"(EVALSHA/EVAL {evals:,} = {evals / count.exact_answered:.4f} per "
+                    f"request; other: {others or 'none'}); whole shared server over the "
+                    f"wrk rounds: {whole}",
+                )
+            )
     t = targets.get("usage")
     if t is not None and t.ok:
         sent = t.warm_requests + sum(r.requests for r in t.rounds)
@@ -576,20 +910,21 @@ def checks_for(
 def table(targets: list[Target]) -> str:
     ref = next((t for t in targets if t.key == "nginx"), None)
     ref_rps = ref.median("rps") if ref is not None and ref.ok else None
+    w = max([36, *(len(t.label) for t in targets)])
     head = (
-        f"{'proxy':<36} {'req/s':>10} {'vs nginx':>9} {'p50':>9} {'p99':>9} "
+        f"{'proxy':<{w}} {'req/s':>10} {'vs nginx':>9} {'p50':>9} {'p99':>9} "
         f"{'RSS':>9} {'errors':>7}"
     )
     lines = [head, "-" * len(head)]
     for t in targets:
         if not t.ok:
             reason = (t.error or "no rounds").splitlines()[0]
-            lines.append(f"{t.label:<36} ERROR: {reason}")
+            lines.append(f"{t.label:<{w}} ERROR: {reason}")
             continue
         rps = t.median("rps")
         ratio = f"{rps / ref_rps:.2f}" if ref_rps else "-"
         lines.append(
-            f"{t.label:<36} {rps:>10.1f} {ratio:>9} {fmt_ms(t.median('p50_ms')):>9} "
+            f"{t.label:<{w}} {rps:>10.1f} {ratio:>9} {fmt_ms(t.median('p50_ms')):>9} "
             f"{fmt_ms(t.median('p99_ms')):>9} {t.rss_kb / 1024:>7.1f}MB "
             f"{sum(r.errors for r in t.rounds):>7}"
         )
@@ -623,6 +958,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(uv run --no-sync tollway), or a command line",
     )
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (confs, logs)")
+    p.add_argument(
+        "--redis-url",
+        default=REDIS_URL,
+        help=f"Redis of the ratelimitredis scenario (default {REDIS_URL}; never flushed)",
+    )
     args = p.parse_args(argv)
     names = {s.strip() for s in args.scenarios.split(",") if s.strip()}
     if "all" in names:
@@ -714,6 +1054,13 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 ("keyauth", "tollway, key-auth (warm, SQLite)", "keyauth.yaml", ()),
                 ("usage", "tollway, key-auth + usage (PostgreSQL)", "usage.yaml", ()),
+                ("ratelimit", "tollway, key-auth + rate-limit (memory)", "ratelimit.yaml", ()),
+                (
+                    "ratelimitredis",
+                    "tollway, key-auth + rate-limit (Redis)",
+                    "ratelimit_redis.yaml",
+                    (),
+                ),
             ):
                 if key not in scen:
                     continue
@@ -721,7 +1068,16 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"starting {label}")
                 try:
                     extra_env: dict[str, str] = {}
-                    if key in ("keyauth", "usage"):
+                    config = CONFIGS / conf
+                    if key == "ratelimitredis":
+                        # A namespace of its own: the shared Redis keeps other runs'
+                        # counters, and this run must neither see nor touch them.
+                        namespace = f"bench-{uuid.uuid4().hex[:12]}"
+                        config = namespaced_config(tmp, conf, namespace)
+                        extra_env["TOLLWAY_REDIS_URL"] = args.redis_url
+                        t.admin_port = free_port()
+                        t.redis = EvalCount(args.redis_url, t.admin_port, namespace)
+                    if key in KEYED:
                         data_dir = tmp / f"tollway-{key}-data"
                         if key == "usage":
                             t.database_url = accounts.create_pg_database()
@@ -733,20 +1089,24 @@ def main(argv: list[str] | None = None) -> int:
                         procs,
                         tmp,
                         f"tollway-{key}",
-                        CONFIGS / conf,
+                        config,
                         cores.proxy,
                         upstream_port,
                         args.tollway_cmd,
                         extra_env=extra_env,
                         check_headers=t.headers,
+                        admin_port=t.admin_port,
                     )
                 except (BenchError, OSError) as exc:
                     t.error = str(exc)
                     log(f"{label}: {exc}")
                 targets.append(t)
             throughput(targets, cores, args.duration, args.connections, args.rounds)
+            for t in targets:
+                if t.redis is not None and t.ok:
+                    exact_redis_count(t, cores)
             for t in targets:  # free core 0 for the soak
-                if t.key in ("noplugins", "plugins", "keyauth", "usage") and t.proc is not None:
+                if t.key in THROUGHPUT and t.key != "nginx" and t.proc is not None:
                     procs.stop(t.proc)  # SIGTERM: the usage queue is flushed before exit
                 if t.database_url is not None:
                     try:
@@ -769,6 +1129,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         procs.stop_all()
+        for t in targets:  # this run's counters only, also after an error or Ctrl-C
+            if t.redis is not None:
+                delete_namespace(t.redis.url, t.redis.namespace)
         if args.keep_tmp:
             log(f"temp dir kept: {tmp}")
         else:

@@ -233,6 +233,9 @@ def test_quickstart_serves_the_demo_for_real(tmp_path: Path) -> None:
         url = f"http://127.0.0.1:{port}/keyed/hello"
         with urllib.request.urlopen(urllib.request.Request(url, headers={"X-API-Key": key})) as r:
             assert r.status == 200
+            # The demo key is rate limited: 30 a minute, 1,000 a day.
+            assert r.headers["X-RateLimit-Limit"] == "30"
+            assert r.headers["X-RateLimit-Remaining"] == "29"
         try:
             urllib.request.urlopen(url)
             raise AssertionError("the keyed route answered without a key")

@@ -88,6 +88,14 @@ DataDirOpt = Annotated[
 WorkersOpt = Annotated[
     int | None, typer.Option(help="data-plane processes (env TOLLWAY_WORKERS, default 1)")
 ]
+PerWorkerLimitsOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--per-worker-limits",
+        help="with --workers N and no Redis, let each worker count rate limits alone "
+        "(N times the limit in total; env TOLLWAY_PER_WORKER_LIMITS)",
+    ),
+]
 
 
 @app.command()
@@ -99,6 +107,7 @@ def serve(
     admin_port: AdminPortOpt = None,
     data_dir: DataDirOpt = None,
     workers: WorkersOpt = None,
+    per_worker_limits: PerWorkerLimitsOpt = None,
 ) -> None:
     """Run the gateway: the proxy and the admin API, until SIGINT or SIGTERM."""
     settings = _settings(
@@ -109,6 +118,7 @@ def serve(
         admin_port=admin_port,
         data_dir=data_dir,
         workers=workers,
+        per_worker_limits=per_worker_limits,
     )
     from tollway.gateway.app import serve as run
 
@@ -273,8 +283,10 @@ def quickstart(
         console.print(panel)
         if key is not None:
             # Outside the box and unwrapped, so that it can be copied as one line.
-            print(f"curl -i -H 'X-API-Key: {key}' http://{settings.host}:{settings.port}/keyed/hello",
-                  flush=True)
+            print(
+                f"curl -i -H 'X-API-Key: {key}' http://{settings.host}:{settings.port}/keyed/hello",
+                flush=True,
+            )
 
     raise typer.Exit(run(settings, on_ready=ready))
 

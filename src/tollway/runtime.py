@@ -3,7 +3,8 @@
 Plugins receive it through `Plugin.bind` when a snapshot is built for a running
 gateway (never for `tollway check`), so that a plugin reaches shared services
 without module globals. The parent of `--workers N` opens only the database (for the
-admin API); data-plane processes also run the key resolver and the usage recorder.
+admin API); data-plane processes also run the key resolver, the plan book and the
+usage recorder.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from tollway.identity.apikeys import load_pepper
 from tollway.identity.pepper import verify_pepper
+from tollway.identity.plans import plan_book
 from tollway.identity.resolver import KeyResolver
 from tollway.settings import Settings
 from tollway.storage.database import Database, default_url
@@ -26,6 +28,10 @@ from tollway.usage.recorder import UsageRecorder
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+
+    from tollway.limits.bans import BanStore
+    from tollway.limits.plans import PlanBook
+    from tollway.limits.service import LimitService
 
 
 @dataclass(slots=True)
@@ -37,13 +43,30 @@ class Runtime:
     # Data-plane processes only.
     keys: KeyResolver | None = None
     usage: UsageRecorder | None = None
+    # Every plan and live limit grant, kept current through the key resolver's
+    # change feed (plan/grant changes reach it within a second on every node).
+    plans: PlanBook | None = None
+    # The rate limiter (memory, or Redis when configured): one per process, so
+    # that counters outlive config reloads.
+    limits: LimitService | None = None
+    # abuse-detection bans: one store per process (the admin parent's too, for
+    # /bans), so that bans outlive config reloads.
+    bans: BanStore | None = None
 
     async def close(self, grace: float = 10.0) -> None:
         """Flush usage (up to `grace` seconds), stop background work, close connections."""
         if self.usage is not None:
             await self.usage.stop(grace)
+        if self.plans is not None:
+            if self.keys is not None:
+                self.keys.remove_change_listener(self.plans.on_change, self.plans.on_reset)
+            await self.plans.stop()
         if self.keys is not None:
             await self.keys.stop()
+        if self.limits is not None:
+            await self.limits.aclose()
+        if self.bans is not None:
+            await self.bans.aclose()
         if self.redis is not None:
             with contextlib.suppress(Exception):  # closing: a dead Redis is no news
                 await self.redis.aclose()
@@ -80,6 +103,28 @@ def database_errors(settings: Settings) -> Iterator[None]:
         ) from exc
 
 
+def open_limits(settings: Settings) -> LimitService:
+    """The process's limiter: Redis (own client, short timeouts) when configured."""
+    from tollway.limits.memory import MemoryLimiter
+    from tollway.limits.service import LimitService
+
+    redis_limiter = None
+    if settings.redis_url:
+        from tollway.limits.redis_store import RedisLimiter
+
+        redis_limiter = RedisLimiter.from_url(settings.redis_url)
+    return LimitService(MemoryLimiter(), redis_limiter)
+
+
+def open_bans(settings: Settings) -> BanStore:
+    """Abuse bans: shared through Redis when configured, else this process's own."""
+    from tollway.limits.bans import MemoryBans, RedisBans
+
+    if settings.redis_url:
+        return RedisBans.from_url(settings.redis_url)
+    return MemoryBans()
+
+
 async def open_runtime(settings: Settings, *, data_plane: bool, migrate: bool) -> Runtime:
     """Open the database (migrating it when asked), Redis, and the data-plane services."""
     database = database_for(settings)
@@ -101,12 +146,19 @@ async def open_runtime(settings: Settings, *, data_plane: bool, migrate: bool) -
 
         redis = Redis.from_url(settings.redis_url)
     runtime = Runtime(settings=settings, database=database, pepper=pepper, redis=redis)
+    runtime.bans = open_bans(settings)
+    await runtime.bans.start()  # never raises: a dead Redis is retried in the background
     if data_plane:
         try:
             runtime.keys = KeyResolver(database, pepper, settings, redis)
             await runtime.keys.start()
+            runtime.plans = plan_book(database)
+            # Listening before the first load: a change committed during it reloads.
+            runtime.keys.add_change_listener(runtime.plans.on_change, runtime.plans.on_reset)
+            await runtime.plans.start()
             runtime.usage = UsageRecorder(database, settings)
             runtime.usage.start()
+            runtime.limits = open_limits(settings)
         except BaseException:
             await runtime.close(0)  # nothing half-open left behind
             raise

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     database_url: str | None = None
     # redis://host:port/db: shared limits, cache invalidation across nodes. Unset: none.
     redis_url: str | None = None
+    # Without Redis, `--workers N` with the rate-limit plugin is refused (each worker
+    # would count alone, allowing N times the limit) unless this says so explicitly.
+    per_worker_limits: bool = False
     # HMAC pepper for API keys. Unset: generated once into data_dir/key_pepper.
     key_pepper: SecretStr | None = None
     # Bearer token for the admin API. Unset: generated once into data_dir/admin_token.

@@ -544,6 +544,7 @@ async def test_changes_are_published_for_every_gateway(tmp_path: Path) -> None:
         async with admin_api(tmp_path, "sqlite", redis_url=url) as api:
             ada = await api.user("ada@example.com")
             key = await api.key(ada["id"])
+            assert (await api.client.post("/plans", json={"name": "pro"})).status_code == 201
             expected = [
                 ("PATCH", f"/keys/{key['id']}", {"status": "disabled"}, ["key", key["id"]]),
                 ("POST", f"/keys/{key['id']}/rotate", None, ["key", key["id"]]),

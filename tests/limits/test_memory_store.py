@@ -7,20 +7,10 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from support.clock import FakeClock
 from tollway.limits import FixedWindow, Gcra, MemoryLimiter, SlidingWindow
 
 T0 = 1_699_999_980.0  # a minute boundary
-
-
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 PER_MINUTE = FixedWindow(limit=3, per="minute")
@@ -28,7 +18,7 @@ BURSTY = Gcra(limit=2, period=1.0, burst=4)
 
 
 def test_check_consumes_and_refuses() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     limiter = MemoryLimiter(clock=clock)
     results = [limiter.check(["ip", "1.2.3.4"], [PER_MINUTE]) for _ in range(4)]
     assert [r.allowed for r in results] == [True, True, True, False]
@@ -41,7 +31,7 @@ def test_check_consumes_and_refuses() -> None:
 
 
 def test_two_keys_never_share_a_counter() -> None:
-    limiter = MemoryLimiter(clock=FakeClock())
+    limiter = MemoryLimiter(clock=FakeClock(T0))
     one = FixedWindow(limit=1, per="minute")
     assert limiter.check(["a:b"], [one]).allowed
     assert limiter.check(["a", "b"], [one]).allowed  # no joining of key parts
@@ -52,15 +42,54 @@ def test_two_keys_never_share_a_counter() -> None:
 
 
 def test_different_limits_on_one_key_are_separate_counters() -> None:
-    limiter = MemoryLimiter(clock=FakeClock())
+    limiter = MemoryLimiter(clock=FakeClock(T0))
     assert limiter.check(["k"], [FixedWindow(1, "minute")]).allowed
     assert limiter.check(["k"], [FixedWindow(1, "hour")]).allowed
     assert limiter.check(["k"], [SlidingWindow(1, 60.0)]).allowed
     assert not limiter.check(["k"], [FixedWindow(1, "minute")]).allowed
 
 
+def test_a_raised_allowance_keeps_what_was_spent() -> None:
+    """A plan upgrade or a burst grant raises the limit mid-window: the count stays,
+    so "5 per day" raised to 8 leaves 3 more, not 8."""
+    limiter = MemoryLimiter(clock=FakeClock(T0))
+    for _ in range(5):
+        assert limiter.check(["k"], [FixedWindow(5, "day")]).allowed
+    assert not limiter.check(["k"], [FixedWindow(5, "day")]).allowed
+    raised = [limiter.check(["k"], [FixedWindow(8, "day")]) for _ in range(4)]
+    assert [r.allowed for r in raised] == [True, True, True, False]
+    # GCRA: a larger burst at the same rate keeps the bucket; a new rate starts afresh.
+    for _ in range(4):
+        assert limiter.check(["g"], [Gcra(2, 1.0, burst=4)]).allowed
+    assert limiter.check(["g"], [Gcra(2, 1.0, burst=6)]).decision.remaining == 1
+    assert limiter.check(["g"], [Gcra(3, 1.0, burst=6)]).decision.remaining == 5
+
+
+def test_one_cost_per_window() -> None:
+    limiter = MemoryLimiter(clock=FakeClock(T0))
+    limits = [FixedWindow(10, "minute"), FixedWindow(10, "day")]
+    result = limiter.check(["k"], limits, [1, 5])
+    assert [d.remaining for d in result.decisions] == [9, 5]
+    assert limiter.check(["k"], limits, [1, 5]).allowed
+    refused = limiter.check(["k"], limits, [1, 5])
+    assert not refused.allowed and refused.refused_by == limits[1]
+    assert result.charge is not None
+    limiter.refund(result.charge)
+    assert [d.remaining for d in limiter.check(["k"], limits, 0).decisions] == [9, 5]
+
+
+def test_two_limits_sharing_a_counter_are_refused() -> None:
+    limiter = MemoryLimiter(clock=FakeClock(T0))
+    try:
+        limiter.check(["k"], [FixedWindow(1, "minute"), FixedWindow(5, "minute")])
+    except ValueError as exc:
+        assert "share a counter" in str(exc)
+    else:
+        raise AssertionError("two minute windows were accepted")
+
+
 def test_several_windows_all_or_nothing() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     limiter = MemoryLimiter(clock=clock)
     limits = [BURSTY, PER_MINUTE]
     first = limiter.check(["c"], limits, cost=2)
@@ -76,7 +105,7 @@ def test_several_windows_all_or_nothing() -> None:
 
 
 def test_refund_returns_capacity_once_and_never_beyond_the_limit() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     limiter = MemoryLimiter(clock=clock)
     limits = [BURSTY, PER_MINUTE, SlidingWindow(3, 60.0)]
     result = limiter.check(["c"], limits, cost=2)
@@ -89,7 +118,7 @@ def test_refund_returns_capacity_once_and_never_beyond_the_limit() -> None:
 
 
 def test_partial_refund_and_refund_after_the_window_is_over() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     limiter = MemoryLimiter(clock=clock)
     result = limiter.check(["c"], [PER_MINUTE], cost=3)
     assert result.charge is not None
@@ -104,7 +133,7 @@ def test_partial_refund_and_refund_after_the_window_is_over() -> None:
 
 
 def test_expired_states_are_dropped() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     limiter = MemoryLimiter(clock=clock, sweep_interval=5.0)
     for i in range(5000):
         limiter.check(["ip", str(i)], [BURSTY, PER_MINUTE])
@@ -118,7 +147,7 @@ def test_expired_states_are_dropped() -> None:
 
 
 def test_expired_state_reads_as_fresh_before_any_sweep() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     limiter = MemoryLimiter(clock=clock, sweep_interval=1e9)
     for _ in range(4):
         limiter.check(["k"], [BURSTY])
@@ -127,7 +156,7 @@ def test_expired_state_reads_as_fresh_before_any_sweep() -> None:
 
 
 def test_no_sweep_before_the_interval() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     limiter = MemoryLimiter(clock=clock, sweep_interval=100.0)
     limiter.check(["a"], [BURSTY])
     clock.advance(50)
@@ -143,7 +172,7 @@ def test_no_sweep_before_the_interval() -> None:
     )
 )
 def test_property_gcra_through_the_store(reqs: list[tuple[float, int, str]]) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     limiter = MemoryLimiter(clock=clock, sweep_interval=1.0)
     spent = {"a": 0, "b": 0}
     for dt, cost, key in reqs:
@@ -153,3 +182,16 @@ def test_property_gcra_through_the_store(reqs: list[tuple[float, int, str]]) -> 
             spent[key] += cost
         elapsed = clock.now - T0
         assert spent[key] <= math.floor(4 + 2 * elapsed + 1e-4)
+
+
+def test_a_flood_of_keys_cannot_grow_the_table_without_end() -> None:
+    """Distinct keys on a day quota stay live all day: past max_entries the oldest
+    tenth is dropped (and counted), so memory stays bounded."""
+    limiter = MemoryLimiter(clock=FakeClock(T0), max_entries=100)
+    day = FixedWindow(5, "day")
+    for i in range(1000):
+        assert limiter.check([f"ip-{i}"], [day]).allowed
+        assert len(limiter) <= 100
+    assert limiter.evicted >= 900
+    # Recent keys keep their counts.
+    assert limiter.check(["ip-999"], [day]).decision.remaining == 3

@@ -1,10 +1,11 @@
-"""The admin API on the admin port (8001): users, keys, usage, status, health, metrics.
+"""The admin API on the admin port (8001): users, keys, plans, grants, usage, status,
+health, metrics.
 
 Successful answers are plain JSON objects (probes and uptime checkers read /health
 as is); every error, including a failed probe, uses the gateway's envelope.
 Everything but /health*, /metrics, /docs and /openapi.json needs the admin token
-(admin/auth.py says why those stay open). The users, keys and usage routers need
-the database, so they are mounted only when the app is given a runtime.
+(admin/auth.py says why those stay open). The users, keys, plans, grants and usage
+routers need the database, so they are mounted only when the app is given a runtime.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request, Response, Security
 
 from tollway import __version__
-from tollway.admin import keys, usage, users
+from tollway.admin import bans, grants, keys, plans, usage, users
 from tollway.admin.auth import AdminGuard, bearer_scheme
 from tollway.admin.envelope import error_response, install_error_handlers, request_id_of
 from tollway.admin.token import load_admin_token
@@ -122,7 +123,15 @@ def create_admin_app(state: AdminState) -> FastAPI:
         return {"config": state.snapshot_info(), **health.process_info()}
 
     if state.runtime is not None:
-        for router in (users.router, keys.router, usage.router):
+        routers = (
+            users.router,
+            keys.router,
+            usage.router,
+            plans.router,
+            grants.router,
+            bans.router,
+        )
+        for router in routers:
             app.include_router(router, dependencies=guarded)
 
     return app

@@ -1,4 +1,4 @@
-"""Request and response models of the admin API (users, keys, usage).
+"""Request and response models of the admin API (users, keys, usage, plans, grants).
 
 Requests forbid unknown fields, so that a typo ("limit_per_minut") is a 422 naming
 it rather than a silently ignored setting. Responses never carry a secret's hash;
@@ -14,7 +14,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from tollway.storage.models import ApiKey, Consumer, UsageRecord
+from tollway.limits.plans import DESCRIPTION_MAX, NAME_MAX, REASON_MAX
+from tollway.storage.models import ApiKey, Consumer, LimitGrant, UsageRecord
+from tollway.storage.models import Plan as PlanRow
 
 
 def _as_utc(value: datetime) -> datetime:
@@ -43,6 +45,20 @@ Scopes = Annotated[list[Scope], Field(max_length=100)]
 
 # The longest rotation grace identity.keys accepts (365 days).
 MAX_GRACE_SECONDS = 365 * 24 * 3600
+# The longest grant identity.plans accepts (31 days).
+MAX_GRANT_SECONDS = 31 * 24 * 3600
+
+Per = Literal["second", "minute", "hour", "day", "month"]
+PlanName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=NAME_MAX,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        examples=["pro"],
+        description="Letters, digits, '.', '_' and '-', starting with a letter or digit",
+    ),
+]
 
 
 class _Request(BaseModel):
@@ -288,3 +304,114 @@ class UsageOut(BaseModel):
     series: list[UsagePeriod]
     top_routes: list[UsageRoute]
     recent: UsageRecent
+
+
+# ---------------------------------------------------------------- plans
+
+
+class WindowIn(_Request):
+    per: Per
+    limit: Limit
+    burst: Limit | None = Field(
+        default=None, description="GCRA burst; per second, minute or hour only"
+    )
+    cost: Limit | None = Field(
+        default=None, description="What one request takes from this window (default: its cost)"
+    )
+
+
+Windows = Annotated[list[WindowIn], Field(max_length=5, description="At most one per `per`")]
+
+
+class PlanCreate(_Request):
+    name: PlanName
+    limits: Windows = Field(default_factory=list)
+    description: Annotated[str, Field(max_length=DESCRIPTION_MAX)] = ""
+
+
+class PlanUpdate(_Request):
+    """Only the fields given change; `limits` replaces every window."""
+
+    limits: Windows | None = None
+    description: Annotated[str, Field(max_length=DESCRIPTION_MAX)] | None = None
+
+    @field_validator("limits", "description")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        return _given_not_null(value)
+
+
+class WindowOut(BaseModel):
+    per: str
+    limit: int
+    burst: int | None = None
+    cost: int | None = None
+
+
+class PlanOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    limits: list[WindowOut]
+    description: str
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, row: PlanRow) -> PlanOut:
+        return cls(
+            id=row.id,
+            name=row.name,
+            limits=[WindowOut(**w) for w in row.limits or []],
+            description=row.description,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )
+
+
+class PlanList(BaseModel):
+    items: list[PlanOut]
+    next_cursor: str | None
+
+
+# ---------------------------------------------------------------- grants
+
+
+class GrantCreate(_Request):
+    """Give `expires_at` or `ttl_seconds` (one of them)."""
+
+    per: Per
+    extra: Limit = Field(description="Added to the window's limit (GCRA: to its burst)")
+    expires_at: UtcDatetime | None = Field(default=None, description="At most 31 days ahead")
+    ttl_seconds: int | None = Field(default=None, ge=1, le=MAX_GRANT_SECONDS)
+    reason: Annotated[str, Field(max_length=REASON_MAX)] = ""
+
+
+class GrantOut(BaseModel):
+    id: uuid.UUID
+    user_id: uuid.UUID
+    per: str
+    extra: int
+    expires_at: datetime
+    reason: str
+    created_at: datetime
+    revoked_at: datetime | None
+    active: bool = Field(description="Neither revoked nor expired")
+
+    @classmethod
+    def of(cls, row: LimitGrant, now: datetime) -> GrantOut:
+        return cls(
+            id=row.id,
+            user_id=row.consumer_id,
+            per=row.per,
+            extra=row.extra,
+            expires_at=row.expires_at,
+            reason=row.reason,
+            created_at=row.created_at,
+            revoked_at=row.revoked_at,
+            active=row.revoked_at is None and row.expires_at > now,
+        )
+
+
+class GrantList(BaseModel):
+    items: list[GrantOut]
+    next_cursor: str | None

@@ -16,7 +16,7 @@ from tollway.admin.deps import (
     commit_and_announce,
 )
 from tollway.admin.schemas import Email, UserCreate, UserList, UserOut, UserStatus, UserUpdate
-from tollway.identity import consumers
+from tollway.identity import consumers, plans
 from tollway.storage.pagination import DEFAULT_LIMIT
 
 router = APIRouter(prefix="/users", tags=["users"], responses=ERRORS_DOC)
@@ -83,9 +83,14 @@ async def update_user(
     runtime: RuntimeDep,
 ) -> UserOut:
     """Change the fields given. Disabling here does not touch the user's keys
-    (their requests are refused while the user is disabled); DELETE revokes them."""
+    (their requests are refused while the user is disabled); DELETE revokes them.
+    A `plan` must name an existing plan (422 otherwise)."""
     changes: dict[str, Any] = {name: getattr(body, name) for name in body.model_fields_set}
     consumer = await consumers.update_consumer(session, id, **changes)
+    if changes.get("plan") is not None and consumer.plan is not None:
+        # After the update, not before: see identity/plans.py (a plan deleted at the
+        # same moment cannot slip between the check and the commit). 422 on body.plan.
+        await plans.require_plan(session, consumer.plan)
     await commit_and_announce(session, runtime)
     return UserOut.of(consumer)
 

@@ -91,7 +91,11 @@ def build_snapshot(
             continue
         if entry.enabled:
             if runtime is not None:
-                plugin.bind(runtime)
+                try:
+                    plugin.bind(runtime)
+                except ValueError as exc:  # a plugin refusing this process's settings
+                    issues.append(ConfigIssue(f"plugins[{i}]", str(exc)))
+                    continue
             instances.append((entry, plugin))
     if issues:
         raise ConfigError(issues, source)
@@ -151,7 +155,10 @@ def build_snapshot(
             **scoped.get(("route", rc.name), {}),
         }
         route = Route(
-            name=rc.name, config=rc, index=i, service=service,
+            name=rc.name,
+            config=rc,
+            index=i,
+            service=service,
             timeouts=service.timeouts(rc.connect_timeout, rc.write_timeout, rc.read_timeout),
         )
         route.chain = chain_of(merged, with_consumers(merged))

@@ -34,8 +34,10 @@ from tollway.config.snapshot import Snapshot, build_snapshot
 from tollway.gateway.dataplane import DataPlane
 from tollway.identity.apikeys import PepperError
 from tollway.observability import metrics as metrics_mod
+from tollway.observability.abuse_metrics import AbuseMetrics
 from tollway.observability.health import HealthRegistry
 from tollway.observability.logging import configure_logging
+from tollway.plugins.rate_limit import config_uses_rate_limits, unshared_limits_problem
 from tollway.runtime import (
     DatabaseUnavailable,
     Runtime,
@@ -106,6 +108,10 @@ class Gateway:
         )
         if self.runtime.usage is not None:
             self.metrics.set_usage_stats_source(self.runtime.usage.counters)
+        if self.runtime.limits is not None:
+            self.metrics.set_limit_stats_source(self.runtime.limits.stats)
+        if self.runtime.bans is not None:
+            self.metrics.add_exporter(AbuseMetrics(self.runtime.bans.counters).flush)
         self.snapshot = load_snapshot(self.settings, runtime=self.runtime)
         self.health.set_config_loaded(True)
         loop = asyncio.get_running_loop()
@@ -182,7 +188,9 @@ class Gateway:
         assert self.snapshot is not None
         try:
             snapshot = load_snapshot(
-                self.settings, self.snapshot.generation + 1, allow_empty=False,
+                self.settings,
+                self.snapshot.generation + 1,
+                allow_empty=False,
                 runtime=self.runtime,
             )
         except ConfigError as exc:
@@ -326,11 +334,26 @@ def serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> int
     """Run the gateway until SIGTERM/SIGINT. Returns the process exit code."""
     configure_logging(settings.log_level, settings.log_format)
     try:
-        load_snapshot(settings)  # refuse a bad config before forking anything
+        snapshot = load_snapshot(settings)  # refuse a bad config before forking anything
     except ConfigError as exc:
         for issue in exc.issues:
             print(f"config error: {issue}", file=sys.stderr)
         return 2
+    problem = unshared_limits_problem(settings)
+    if problem is not None and config_uses_rate_limits(snapshot.config):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if (
+        settings.workers > 1
+        and not settings.redis_url
+        and any(p.name == "abuse-detection" and p.enabled for p in snapshot.config.plugins)
+    ):
+        # Not refused: a ban per worker still stops a flood, only later.
+        log.warning(
+            "abuse-detection without Redis counts per worker: a source may fail up to "
+            f"{settings.workers} times the threshold before every worker bans it, and "
+            "/bans on the admin API cannot see the workers' bans; set TOLLWAY_REDIS_URL"
+        )
     # Migrate once, before any worker exists, so that workers never race over the
     # schema; in a child of its own, so that Alembic and the migration's garbage
     # (12 MB or more) stay out of the serving processes.

@@ -46,6 +46,8 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "conflict": (409, "Conflict"),
     "validation_error": (422, "The request did not validate"),
     "rate_limited": (429, "Too many requests"),
+    "limiter_unavailable": (503, "Rate limits cannot be checked right now; retry shortly"),
+    "temporarily_blocked": (403, "Too many failed requests from this source; retry later"),
     "not_ready": (503, "Not ready"),
     "health_check_failed": (503, "A health check failed"),
 }

@@ -262,9 +262,10 @@ class Exchange:
         ctx.upstream_addr = self.pool.target.key if self.pool else None
         ctx.upstream_start = time.perf_counter()
         chain = active_chain(ctx, self.chain)
-        # Nothing will read or edit the response head: take it as bytes.
+        # Nothing will read or edit the response head: take it as bytes (headers
+        # plugins only add, ctx.response_headers, are appended to those bytes).
         raw = not (
-            chain.response_hooks or chain.body_filter_hooks or ctx.response_headers
+            chain.response_hooks or chain.body_filter_hooks
             or self.upgrade is not None or ctx.method == "HEAD"
         )
         upstream.send_head(self, self._request_head(), ctx.method == "HEAD", raw)
@@ -515,7 +516,12 @@ class Exchange:
         ctx.upstream_headers_at = time.perf_counter()
         ctx.status = status
         self.response_started = True
-        self.out.append(raw_response_head(block, self._framing(status, content_length)))
+        extra = b""
+        if ctx.response_headers:
+            extra = b"".join(
+                b"".join((name, b": ", value, b"\r\n")) for name, value in ctx.response_headers
+            )
+        self.out.append(raw_response_head(block, self._framing(status, content_length), extra))
 
     def _framing(self, status: int, content_length: int | None) -> bytes:
         ctx = self.ctx

@@ -81,12 +81,16 @@ def response_framing(
     return lines, chunked, close
 
 
-def raw_response_head(block: bytes, framing: bytes) -> bytes:
+def raw_response_head(block: bytes, framing: bytes, extra: bytes = b"") -> bytes:
     """The upstream's head (status line and headers, hop-by-hop lines already cut)
-    with our status-line version and framing: its reason and headers byte for byte."""
+    with our status-line version and framing: its reason and headers byte for byte.
+    `extra`: header lines the gateway adds (each ends CRLF)."""
     eol = block.find(b"\r\n")
     if eol < 0:
         eol = len(block)
     return b"".join(
-        (b"HTTP/1.1", block[block.find(b" "):eol], block[eol:], b"\r\n", framing, b"\r\n")
-    )
+        (
+            b"HTTP/1.1", block[block.find(b" "):eol], block[eol:], b"\r\n",
+            extra, framing, b"\r\n",
+        )
+    )  # fmt: skip

@@ -79,9 +79,18 @@ class Chain:
         )
         # (priority, hook) so that a switch to a consumer chain resumes at the
         # right place.
-        self.access_hooks: tuple[tuple[int, AccessHook], ...] = tuple(
+        hooks: list[tuple[int, AccessHook]] = [
             (type(p).priority, p.access) for p in self.plugins if type(p).overrides("access")
-        )
+        ]
+        # A plugin may run a second access hook at another priority (abuse-detection
+        # refuses a banned IP before key-auth, and a banned consumer after it).
+        hooks += [
+            (priority, getattr(p, method))
+            for p in self.plugins
+            for method, priority in type(p).extra_access
+        ]
+        hooks.sort(key=lambda h: -h[0])  # stable: equal priorities keep plugin order
+        self.access_hooks: tuple[tuple[int, AccessHook], ...] = tuple(hooks)
         self.response_hooks = tuple(
             p.response_headers for p in self.plugins if type(p).overrides("response_headers")
         )

@@ -1,6 +1,6 @@
 """The change outbox: what caches in every worker and node must forget.
 
-A change to a key or consumer writes a cache_invalidations row in the same
+A change to a key, consumer, plan or limit grant writes a cache_invalidations row in the same
 transaction as the change itself, so a committed change is never missed by the
 workers that poll the outbox, and a rolled-back one leaves nothing behind. The
 same changes are remembered on the session so that, after commit, the caller can
@@ -17,8 +17,12 @@ from tollway.storage.models import CacheInvalidation
 
 SESSION_KEY = "tollway_changes"
 
+# key and consumer: ref is its id (the key cache). plan: ref is the plan's name;
+# grant: ref is the consumer's id (the PlanBook, limits/plans.py).
+ChangeKind = Literal["key", "consumer", "plan", "grant"]
 
-def record_change(session: AsyncSession, kind: Literal["key", "consumer"], ref: str) -> None:
+
+def record_change(session: AsyncSession, kind: ChangeKind, ref: str) -> None:
     """Add an outbox row for (kind, ref) to the session's transaction, and remember it."""
     session.add(CacheInvalidation(kind=kind, ref=ref))
     changes: list[tuple[str, str]] = session.info.setdefault(SESSION_KEY, [])

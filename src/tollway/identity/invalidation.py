@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("tollway.invalidation")
 
 CHANNEL = "tollway:invalidate"
-KINDS = frozenset({"key", "consumer"})
+KINDS = frozenset({"key", "consumer", "plan", "grant"})
 
 Change = tuple[str, str]
 

@@ -270,11 +270,14 @@ class KeyResolver:
         # key id (as a string: its hash is cached, a UUID's is computed in Python on
         # every use) -> wall time of its last admitted use, until the next flush.
         self.used: dict[str, float] = {}
+        # Other caches of this process (the PlanBook) that ride on this feed: they get
+        # every change of a kind the key cache does not use, and every reset.
+        self._listeners: list[tuple[Callable[[str, str], None], Callable[[], None]]] = []
         self.feed = ChangeFeed(
             database,
             redis,
             self.invalidate,
-            self.clear,
+            self.reset,
             poll_interval=settings.invalidation_poll_interval,
         )
         self._flusher: asyncio.Task[None] | None = None
@@ -477,20 +480,40 @@ class KeyResolver:
                 if not raws:
                     del index[ref]
 
+    def add_change_listener(
+        self, on_change: Callable[[str, str], None], on_reset: Callable[[], None]
+    ) -> None:
+        """Hand every change of another kind than key/consumer (plan, grant) to
+        `on_change`, and every reset to `on_reset`: one feed (in process, Redis, the
+        outbox poll) serves every cache of the process."""
+        self._listeners.append((on_change, on_reset))
+
+    def remove_change_listener(
+        self, on_change: Callable[[str, str], None], on_reset: Callable[[], None]
+    ) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove((on_change, on_reset))
+
     def invalidate(self, kind: str, ref: str) -> None:
-        """Forget every cached raw key of a key (kind "key") or consumer ("consumer").
+        """Forget every cached raw key of a key (kind "key") or consumer ("consumer");
+        other kinds go to the change listeners.
 
         Negative entries stay: a secret that was unknown cannot become known (a new
         secret is new random), and one whose grace ended cannot come back.
         """
-        self._epoch += 1
         self.invalidations += 1
         if kind == "key":
             index = self._by_key
         elif kind == "consumer":
             index = self._by_consumer
         else:
+            for on_change, _ in list(self._listeners):
+                try:
+                    on_change(kind, ref)
+                except Exception:  # the feed must go on to the next change regardless
+                    log.exception("change listener failed", kind=kind, ref=ref)
             return
+        self._epoch += 1
         try:
             ref = str(UUID(ref))
         except ValueError:
@@ -502,11 +525,20 @@ class KeyResolver:
             self._drop(raw)
 
     def clear(self) -> None:
-        """Forget every positive entry (continuity of changes was lost)."""
+        """Forget every positive entry."""
         self._epoch += 1
         self.cache.clear()
         self._by_key.clear()
         self._by_consumer.clear()
+
+    def reset(self) -> None:
+        """Continuity of changes was lost: forget everything, and tell the listeners."""
+        self.clear()
+        for _, on_reset in list(self._listeners):
+            try:
+                on_reset()
+            except Exception:  # the feed must go on regardless
+                log.exception("change listener reset failed")
 
     def stats(self) -> dict[str, int]:
         return {

@@ -66,23 +66,21 @@ def _remaining(ahead: float, capacity: int, eps: float) -> int:
 
 def gcra(state: GcraState, now: float, cost: int, params: Gcra) -> tuple[Decision, GcraState]:
     """Check and (when allowed) consume `cost`; a refusal returns `state` unchanged."""
-    check_cost(cost)
-    interval = params.emission_interval
-    capacity = params.capacity
+    # Written flat (no helper calls, positional Decision): this runs once per GCRA
+    # window of every limited request.
+    if cost < 0:
+        check_cost(cost)
+    interval = params.period / params.limit
+    capacity = params.limit if params.burst is None else params.burst
     eps = TIME_EPSILON / interval
     now_u = now / interval
-    tat = max(state.tat, now_u)
+    tat = state.tat if state.tat > now_u else now_u
     new_tat = tat + cost
     if cost <= capacity and new_tat - now_u <= capacity + eps:
         ahead = new_tat - now_u
-        decision = Decision(
-            allowed=True,
-            limit=capacity,
-            remaining=_remaining(ahead, capacity, eps),
-            reset_after=ahead * interval,
-            retry_after=0.0,
-        )
-        return decision, GcraState(new_tat)
+        left = math.floor(capacity - ahead + eps)
+        remaining = 0 if left < 0 else (capacity if left > capacity else left)
+        return Decision(True, capacity, remaining, ahead * interval, 0.0), GcraState(new_tat)
     ahead = tat - now_u
     retry = NEVER if cost > capacity else max(0.0, (new_tat - capacity - now_u) * interval)
     decision = Decision(

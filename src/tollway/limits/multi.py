@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from tollway.limits.decision import Decision
 from tollway.limits.gcra import Gcra, GcraState, gcra, gcra_expires_at, gcra_refund
@@ -24,6 +25,70 @@ Limit = Gcra | SlidingWindow | FixedWindow
 State = GcraState | SlidingState | FixedState
 
 
+@lru_cache(maxsize=4096)
+def slot_id(limit: Limit) -> str:
+    """The name of a limit's counter under one key.
+
+    It names the window, not the allowance: a plan upgrade or a burst grant that
+    only raises `limit` (or a GCRA `burst`) keeps the count already spent, so that
+    "5 per day" raised to 8 at noon leaves 3 more, not 8. GCRA keeps its limit in
+    the name because its state is counted in emission intervals (period / limit):
+    a changed rate starts a fresh bucket.
+    """
+    if isinstance(limit, Gcra):
+        return f"gcra:{limit.period!r}:{limit.limit}"
+    if isinstance(limit, SlidingWindow):
+        return f"sliding:{limit.period!r}"
+    return f"fixed:{limit.per}:{limit.tz}"
+
+
+class Windows(tuple[Limit, ...]):
+    """Limits checked together, compiled once: a plugin keeps one per limit set so
+    that a check does not work out the slot ids again for every request."""
+
+    slots: tuple[str, ...]
+    # Per limit: its fresh state, its algorithm, and its expiry function, looked
+    # up once here rather than dispatched on type for every request.
+    initials: tuple[State, ...]
+    algorithms: tuple[Callable[..., tuple[Decision, State]], ...]
+    expirers: tuple[Callable[..., float], ...]
+
+    def __new__(cls, limits: Sequence[Limit]) -> Windows:
+        self = super().__new__(cls, limits)
+        self.slots = _slots(self)
+        for limit in self:
+            if type(limit) not in _EVALUATE:
+                raise TypeError(f"{limit!r} is not a limit")
+        self.initials = tuple(initial_state(limit) for limit in self)
+        self.algorithms = tuple(_EVALUATE[type(limit)][1] for limit in self)
+        self.expirers = tuple(_EXPIRES[type(limit)] for limit in self)
+        return self
+
+
+def check_slots(limits: Sequence[Limit]) -> tuple[str, ...]:
+    """The slot ids of `limits`; two limits of one check may not share a counter."""
+    if isinstance(limits, Windows):
+        return limits.slots
+    return _slots(limits)
+
+
+def _slots(limits: Sequence[Limit]) -> tuple[str, ...]:
+    ids = tuple(slot_id(limit) for limit in limits)
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"two limits of one check share a counter: {ids}")
+    return ids
+
+
+def per_limit_costs(cost: int | Sequence[int], count: int) -> tuple[int, ...]:
+    """One cost per limit: the same for all, or given one by one."""
+    if isinstance(cost, int):
+        return (cost,) * count
+    costs = tuple(cost)
+    if len(costs) != count:
+        raise ValueError("one cost per limit")
+    return costs
+
+
 def initial_state(limit: Limit) -> State:
     if isinstance(limit, Gcra):
         return GcraState()
@@ -32,15 +97,26 @@ def initial_state(limit: Limit) -> State:
     return FixedState()
 
 
+_EVALUATE: dict[type, tuple[type, Callable[..., tuple[Decision, State]]]] = {
+    Gcra: (GcraState, gcra),
+    SlidingWindow: (SlidingState, sliding_window),
+    FixedWindow: (FixedState, fixed_window),
+}
+_EXPIRES: dict[type, Callable[..., float]] = {
+    Gcra: gcra_expires_at,
+    SlidingWindow: sliding_expires_at,
+    FixedWindow: fixed_expires_at,
+}
+
+
 def evaluate(limit: Limit, state: State, now: float, cost: int) -> tuple[Decision, State]:
     """Run the algorithm of `limit` on its own state type."""
-    if isinstance(limit, Gcra) and isinstance(state, GcraState):
-        return gcra(state, now, cost, limit)
-    if isinstance(limit, SlidingWindow) and isinstance(state, SlidingState):
-        return sliding_window(state, now, cost, limit)
-    if isinstance(limit, FixedWindow) and isinstance(state, FixedState):
-        return fixed_window(state, now, cost, limit)
-    raise TypeError(f"state {state!r} does not belong to limit {limit!r}")
+    # A dict by type rather than an isinstance chain: this runs once per window of
+    # every limited request.
+    entry = _EVALUATE.get(type(limit))
+    if entry is None or type(state) is not entry[0]:
+        raise TypeError(f"state {state!r} does not belong to limit {limit!r}")
+    return entry[1](state, now, cost, limit)
 
 
 def refund(limit: Limit, state: State, now: float, cost: int, charged: State) -> State:
@@ -64,13 +140,10 @@ def refund(limit: Limit, state: State, now: float, cost: int, charged: State) ->
 
 def expires_at(limit: Limit, state: State) -> float:
     """Instant from which `state` is as good as fresh and may be dropped."""
-    if isinstance(limit, Gcra) and isinstance(state, GcraState):
-        return gcra_expires_at(state, limit)
-    if isinstance(limit, SlidingWindow) and isinstance(state, SlidingState):
-        return sliding_expires_at(state, limit)
-    if isinstance(limit, FixedWindow) and isinstance(state, FixedState):
-        return fixed_expires_at(state, limit)
-    raise TypeError(f"state {state!r} does not belong to limit {limit!r}")
+    expires = _EXPIRES.get(type(limit))
+    if expires is None:
+        raise TypeError(f"{limit!r} is not a limit")
+    return expires(state, limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,27 +162,43 @@ class MultiDecision:
     decisions: tuple[Decision, ...]
 
 
+def reported_index(decisions: Sequence[Decision], allowed: bool) -> int:
+    """The window to report: when allowed, the one with the least remaining (ties to
+    the longest reset); when refused, the refusing one with the longest wait."""
+    if allowed:
+        if len(decisions) == 1:
+            return 0
+        return min(
+            range(len(decisions)),
+            key=lambda i: (decisions[i].remaining, -decisions[i].reset_after),
+        )
+    refused = [i for i, d in enumerate(decisions) if not d.allowed]
+    return max(refused, key=lambda i: (decisions[i].retry_after, -decisions[i].remaining))
+
+
 def check_all(
-    states: Sequence[State], now: float, cost: int, limits: Sequence[Limit]
+    states: Sequence[State], now: float, cost: int | Sequence[int], limits: Sequence[Limit]
 ) -> tuple[MultiDecision, tuple[State, ...]]:
-    """Check every limit; consume in all of them only when all allow."""
+    """Check every limit; consume in all of them only when all allow.
+
+    `cost` is one cost for every limit, or one per limit (a day quota may count a
+    generation as 5 while the per-minute rate counts it as 1).
+    """
     if len(states) != len(limits):
         raise ValueError("one state per limit")
     if not limits:
         raise ValueError("at least one limit")
+    costs = per_limit_costs(cost, len(limits))
     results = [
-        evaluate(limit, state, now, cost) for limit, state in zip(limits, states, strict=True)
+        evaluate(limit, state, now, c)
+        for limit, state, c in zip(limits, states, costs, strict=True)
     ]
     decisions = [decision for decision, _ in results]
     if all(d.allowed for d in decisions):
-        reported = min(
-            range(len(decisions)),
-            key=lambda i: (decisions[i].remaining, -decisions[i].reset_after),
-        )
+        reported = reported_index(decisions, True)
         multi = MultiDecision(True, decisions[reported], reported, None, tuple(decisions))
         return multi, tuple(new for _, new in results)
-    refused = [i for i, d in enumerate(decisions) if not d.allowed]
-    reported = max(refused, key=lambda i: (decisions[i].retry_after, -decisions[i].remaining))
+    reported = reported_index(decisions, False)
     for i, d in enumerate(decisions):
         if d.allowed:  # describe it without this request: it consumed nothing
             decisions[i] = evaluate(limits[i], states[i], now, 0)[0]

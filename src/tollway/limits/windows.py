@@ -45,6 +45,23 @@ def window_bounds(now: float, per: Per, tz: str | ZoneInfo | None = None) -> tup
         period = _SECONDS[per]
         start = math.floor(now / period) * period
         return start, start + period
+    # The calendar arithmetic costs microseconds; nearly every call falls in the
+    # window of the previous call with the same zone, so that one is remembered.
+    memo_key = (per, tz if isinstance(tz, str) or tz is None else tz.key)
+    last_bounds = _last_calendar.get(memo_key)
+    if last_bounds is not None and last_bounds[0] <= now < last_bounds[1]:
+        return last_bounds
+    bounds = _calendar_bounds(now, per, tz)
+    if len(_last_calendar) > 256:
+        _last_calendar.clear()
+    _last_calendar[memo_key] = bounds
+    return bounds
+
+
+_last_calendar: dict[tuple[str, str | None], tuple[float, float]] = {}
+
+
+def _calendar_bounds(now: float, per: Per, tz: str | ZoneInfo | None) -> tuple[float, float]:
     zone = _zone(tz or "UTC") if not isinstance(tz, ZoneInfo) else tz
     local = datetime.fromtimestamp(now, zone)
     if per == "day":

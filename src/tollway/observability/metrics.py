@@ -39,6 +39,9 @@ from prometheus_client import (
     values,
 )
 
+from tollway.limits.stats import LATENCY_BUCKETS as LIMITER_BUCKETS
+from tollway.limits.stats import LimitStats
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Generation calls take minutes, so the buckets reach 5 min; proxied API calls
@@ -117,7 +120,26 @@ class _Families:
             "Usage records waiting to be written",
             multiprocess_mode="livesum",
         )
+        self.limit_decisions = Counter(
+            "tollway_rate_limit_decisions",
+            "Rate-limit checks by route, reported window and outcome (allowed, refused)",
+            ("route", "window", "outcome"),
+        )
+        self.limiter_store_events = Counter(
+            "tollway_limiter_store_events",
+            "Limiter store trouble: error, breaker_open, fail_open, fail_closed, degraded",
+            ("store", "event"),
+        )
+        self.limiter_duration = Histogram(
+            "tollway_limiter_duration_seconds",
+            "Time one shared limiter check took",
+            ("store",),
+            buckets=LIMITER_BUCKETS,
+        )
         self.all: tuple[Counter | Gauge | Histogram, ...] = (
+            self.limit_decisions,
+            self.limiter_store_events,
+            self.limiter_duration,
             self.requests,
             self.request_duration,
             self.upstream_duration,
@@ -210,6 +232,11 @@ class GatewayMetrics:
         self._pool_seen: set[str] = set()
         self._usage_source: UsageStatsSource | None = None
         self._usage_seen: dict[str, int] = {}
+        self._limit_source: LimitStats | None = None
+        self._limit_seen: dict[object, int] = {}
+        self._limit_hist_seen: dict[str, list[float]] = {}
+        # Other components' flush functions (abuse metrics), run after ours.
+        self._exporters: list[Callable[[], None]] = []
         _instances.add(self)
 
     def _reset_local(self) -> None:
@@ -275,6 +302,16 @@ class GatewayMetrics:
         self._usage_source = fn
         self._usage_seen = {}
 
+    def add_exporter(self, fn: Callable[[], None]) -> None:
+        """Call `fn` at every flush: a component exporting its own plain counters."""
+        self._exporters.append(fn)
+
+    def set_limit_stats_source(self, stats: LimitStats) -> None:
+        """The limiter's cumulative counters; each flush exports what changed."""
+        self._limit_source = stats
+        self._limit_seen = {}
+        self._limit_hist_seen = {}
+
     # Flush ----------------------------------------------------------------------
 
     def flush(self) -> None:
@@ -304,6 +341,36 @@ class GatewayMetrics:
         fam.open_connections.set(self._open_connections)
         self._flush_pool(fam.pool_connections)
         self._flush_usage(fam)
+        self._flush_limits(fam)
+        for export in self._exporters:
+            export()
+
+    def _flush_limits(self, fam: _Families) -> None:
+        stats = self._limit_source
+        if stats is None:
+            return
+        seen = self._limit_seen
+        for labels, count in list(stats.decisions.items()):
+            delta = count - seen.get(("d", labels), 0)
+            if delta > 0:
+                fam.limit_decisions.labels(*labels).inc(delta)
+                seen[("d", labels)] = count
+        for event, count in list(stats.store_events.items()):
+            delta = count - seen.get(("e", event), 0)
+            if delta > 0:
+                fam.limiter_store_events.labels(*event).inc(delta)
+                seen[("e", event)] = count
+        for store, slots in list(stats.latency.items()):
+            current = list(slots)
+            previous = self._limit_hist_seen.get(store)
+            diff = (
+                current
+                if previous is None
+                else [a - b for a, b in zip(current, previous, strict=True)]
+            )
+            if any(diff):
+                _add_observations(fam.limiter_duration.labels(store), diff)
+            self._limit_hist_seen[store] = current
 
     def _flush_usage(self, fam: _Families) -> None:
         if self._usage_source is None:

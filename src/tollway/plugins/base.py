@@ -58,6 +58,9 @@ class Plugin(Generic[ConfigT]):
     name: ClassVar[str]
     priority: ClassVar[int]
     Config: ClassVar[type[PluginConfig]]
+    # Further access hooks as (method name, priority), for a plugin that must act at
+    # two points of the access phase; each is called like `access`.
+    extra_access: ClassVar[tuple[tuple[str, int], ...]] = ()
 
     def __init__(self, config: ConfigT) -> None:
         self.config = config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tollway.plugins import (  # noqa: F401 (importing a plugin module registers it)
+    abuse_detection,
     access_log,
     compression,
     cors,
@@ -10,6 +11,7 @@ from tollway.plugins import (  # noqa: F401 (importing a plugin module registers
     ip_restriction,
     key_auth,
     parameter_pollution,
+    rate_limit,
     request_id,
     request_size_limiting,
     security_headers,

@@ -13,26 +13,18 @@ matches no network.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
 from tollway.gateway.context import RequestContext, Response
+from tollway.plugins.addresses import check_networks, client_address, parse_networks
 from tollway.plugins.base import Plugin, PluginConfig, register
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Verdicts are remembered per address: parsing and scanning the lists is a few
 # microseconds, a dict hit is tens of nanoseconds. Bounded so a scan from many
 # addresses cannot grow it without end.
 _CACHE_SIZE = 8192
-
-
-def _parse(entries: tuple[str, ...]) -> tuple[Network, ...]:
-    # strict=False accepts "10.1.2.3/8" as 10.0.0.0/8: an operator writing a host
-    # address with a prefix means the network around it.
-    return tuple(ipaddress.ip_network(e.strip(), strict=False) for e in entries)
 
 
 class IpRestrictionConfig(PluginConfig):
@@ -42,30 +34,13 @@ class IpRestrictionConfig(PluginConfig):
     @field_validator("allow", "deny")
     @classmethod
     def _cidrs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for entry in v:
-            try:
-                ipaddress.ip_network(entry.strip(), strict=False)
-            except ValueError as exc:
-                raise ValueError(f"{entry!r} is not an IP address or CIDR") from exc
-        return v
+        return check_networks(v)
 
     @model_validator(mode="after")
     def _something(self) -> IpRestrictionConfig:
         if not self.allow and not self.deny:
             raise ValueError("set allow, deny, or both")
         return self
-
-
-def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        addr = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    # A dual-stack socket reports IPv4 clients as ::ffff:a.b.c.d; rules are
-    # written in IPv4, so compare the IPv4 form.
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
 
 
 @register
@@ -76,8 +51,8 @@ class IpRestriction(Plugin[IpRestrictionConfig]):
 
     def __init__(self, config: IpRestrictionConfig) -> None:
         super().__init__(config)
-        self._allow = _parse(config.allow)
-        self._deny = _parse(config.deny)
+        self._allow = parse_networks(config.allow)
+        self._deny = parse_networks(config.deny)
         self._cache: dict[str, bool] = {}
 
     def allowed(self, ip: str) -> bool:
@@ -91,7 +66,7 @@ class IpRestriction(Plugin[IpRestrictionConfig]):
         return verdict
 
     def _decide(self, ip: str) -> bool:
-        addr = _address(ip)
+        addr = client_address(ip)
         if addr is None:
             return not self._allow
         if any(addr in net for net in self._deny):

@@ -35,7 +35,14 @@ def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -
     # starting at the same moment may hold, and without a timeout SQLite gives up
     # at once ("database is locked").
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA journal_mode=WAL")
+    # WAL is a property of the file, kept once set: ask before switching, because
+    # the switch needs the database to itself, and SQLite does not always wait for
+    # that (a second upgrader connecting while the first holds the write lock was
+    # refused at once with "database is locked" under load).
+    cursor.execute("PRAGMA journal_mode")
+    row = cursor.fetchone()
+    if row is None or str(row[0]).lower() != "wal":
+        cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()

@@ -151,8 +151,9 @@ class CacheInvalidation(Base):
     __tablename__ = "cache_invalidations"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    kind: Mapped[str] = mapped_column(String(16))  # key | consumer
-    ref: Mapped[str] = mapped_column(String(64))  # the key's or consumer's id
+    kind: Mapped[str] = mapped_column(String(16))  # key | consumer | plan | grant
+    # The key's or consumer's id, the plan's name, the grant's consumer id.
+    ref: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 
@@ -234,3 +235,42 @@ class InstanceSetting(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Plan(Base):
+    """A named set of rate-limit windows; a consumer's `plan` column holds its name.
+
+    `limits` is a JSON list of windows ({"per", "limit", "burst"?, "cost"?}), in
+    the form limits/plans.py validates; a plan is read whole, never queried by its
+    windows.
+    """
+
+    __tablename__ = "plans"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    limits: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    description: Mapped[str] = mapped_column(String(1000), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class LimitGrant(Base):
+    """`extra` more in one window (`per`) of one consumer until `expires_at`.
+
+    Revoking sets `revoked_at`; rows stay as the record of what was granted, why.
+    Gateways load the live ones (not revoked, not expired: the expires_at index).
+    """
+
+    __tablename__ = "limit_grants"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    consumer_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("consumers.id", ondelete="CASCADE"), index=True
+    )
+    per: Mapped[str] = mapped_column(String(16))
+    extra: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    reason: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
