@@ -71,8 +71,8 @@ def _clear_of_boundary(redis: Redis, period: float, margin: float) -> None:
 
 @pytest.fixture(scope="module")
 def upstream_port() -> Iterator[int]:
-    """A plain upstream in a thread-free form: a gateway subprocess needs only a port
-    that answers, so one RecordingUpstream runs in a background event loop."""
+    """One upstream for the module's gateway subprocesses: a RecordingUpstream on an
+    event loop of its own thread (each test drives its burst with asyncio.run)."""
     import threading
 
     loop = asyncio.new_event_loop()
