@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import os
 import signal
 import sys
@@ -255,6 +256,15 @@ def _install_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) 
         loop.add_signal_handler(sig, stop.set)
 
 
+def _freeze_startup_objects() -> None:
+    """Move everything built at start (modules, config, SQLAlchemy and FastAPI
+    objects: most of the heap) out of the collector's reach. A full collection
+    otherwise walks them all again and again while requests allocate, a pause
+    that grows with every module a process holds."""
+    gc.collect()
+    gc.freeze()
+
+
 async def _run_single(settings: Settings, on_ready: Callable[[], None] | None) -> int:
     gateway = Gateway(settings, migrate=False)  # serve() migrated in a child
     await gateway.start()
@@ -266,6 +276,7 @@ async def _run_single(settings: Settings, on_ready: Callable[[], None] | None) -
     )
     if on_ready is not None:
         on_ready()
+    _freeze_startup_objects()
     stop = asyncio.Event()
     _install_stop_signals(asyncio.get_running_loop(), stop)
     await stop.wait()
@@ -278,6 +289,7 @@ async def _run_single(settings: Settings, on_ready: Callable[[], None] | None) -
 async def _run_worker(settings: Settings) -> int:
     gateway = Gateway(settings, serve_admin=False, reuse_port=True, migrate=False)
     await gateway.start()
+    _freeze_startup_objects()
     stop = asyncio.Event()
     _install_stop_signals(asyncio.get_running_loop(), stop)
     await stop.wait()
