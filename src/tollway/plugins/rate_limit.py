@@ -432,19 +432,22 @@ class RateLimit(Plugin[RateLimitConfig]):
         key: tuple[str, ...],
         limit_set: LimitSet | None,
     ) -> Response | None:
+        windows_passed = False
         try:
             if limit_set is not None:
                 result = await service.check_shared(key, limit_set.limits, limit_set.costs)
                 refused = self._decide(ctx, result, limit_set, True)
                 if refused is not None or self._concurrency is None:
                     return refused
+                windows_passed = True
             assert self._concurrency is not None
             decision, lease = await service.acquire_shared(
                 key, self._concurrency, self.config.concurrency_lease_seconds
             )
         except LimiterUnavailable as exc:
             log.warning("rate limit store failed", error=str(exc), request_id=ctx.request_id)
-            return self._store_down(ctx, key, limit_set)
+            # Windows Redis already passed are not checked again locally.
+            return self._store_down(ctx, key, None if windows_passed else limit_set)
         return self._hold(ctx, decision, lease)
 
     def _store_down(
