@@ -10,12 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
-import socket
-import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from support.clock import FakeClock
+from support.redis_server import private_redis
 from tollway.gateway.context import RequestContext
 from tollway.limits.bans import (
     Ban,
@@ -399,62 +397,6 @@ async def test_redis_list_pages_and_kinds(prefix: str, cleanup: None) -> None:
 
 
 # ---- a Redis that dies ------------------------------------------------------------------
-
-
-@dataclass
-class PrivateRedis:
-    port: int
-    process: subprocess.Popen[bytes]
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=10)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def private_redis() -> Iterator[PrivateRedis]:
-    port = _free_port()
-    try:
-        process = subprocess.Popen(
-            [
-                *("redis-server", "--port", str(port), "--bind", "127.0.0.1"),
-                *("--save", "", "--appendonly", "no"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    except FileNotFoundError:
-        pytest.skip("redis-server is not installed")
-    server = PrivateRedis(port, process)
-    try:
-        deadline = time.monotonic() + 10
-        while not _answers_ping(port):
-            assert process.poll() is None, "redis-server exited"
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.01)
-        yield server
-    finally:
-        server.kill()
 
 
 @pytest.mark.needs_redis

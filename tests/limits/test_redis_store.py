@@ -11,13 +11,9 @@ its pid.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -28,6 +24,8 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
+from support.gateway import free_port
+from support.redis_server import private_redis
 from support.relay import FaultRelay
 from tollway.limits import (
     NEVER,
@@ -50,7 +48,6 @@ pytestmark = pytest.mark.needs_redis
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 NY = "America/New_York"
-SERVER_ARGS = ("--save", "", "--appendonly", "no")
 
 
 def unique_prefix() -> str:
@@ -95,59 +92,6 @@ async def limiter(redis: Redis) -> AsyncIterator[RedisLimiter]:
 
 
 # -- a private redis-server ----------------------------------------------------------
-
-
-@dataclass
-class PrivateRedis:
-    port: int
-    process: subprocess.Popen[bytes]
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=10)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def private_redis() -> Iterator[PrivateRedis]:
-    port = free_port()
-    try:
-        process = subprocess.Popen(
-            [*("redis-server", "--port", str(port), "--bind", "127.0.0.1"), *SERVER_ARGS],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    except FileNotFoundError:
-        pytest.skip("redis-server is not installed")
-    server = PrivateRedis(port, process)
-    try:
-        deadline = time.monotonic() + 10
-        while not _answers_ping(port):
-            assert process.poll() is None, "redis-server exited"
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.01)
-        yield server
-    finally:
-        server.kill()
 
 
 # -- parity with MemoryLimiter on a fake clock ---------------------------------------

@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,9 +21,11 @@ from support.gateway import free_port
 
 
 class PrivateRedis:
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path | None = None, port: int | None = None) -> None:
         self.port = port or free_port()
-        self.workdir = workdir
+        # A directory made here is removed again by kill().
+        self._own_dir = workdir is None
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="tollway-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -59,10 +62,12 @@ class PrivateRedis:
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def private_redis(workdir: Path) -> Iterator[PrivateRedis]:
+def private_redis(workdir: Path | None = None) -> Iterator[PrivateRedis]:
     server = PrivateRedis(workdir).start()
     try:
         yield server
