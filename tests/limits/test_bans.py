@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from support.clock import FakeClock
-from support.redis_server import private_redis
+from support.redis_server import SHARED_REDIS_URL, drop_keys, private_redis
 from tollway.gateway.context import RequestContext
 from tollway.limits.bans import (
     Ban,
@@ -37,7 +37,7 @@ from tollway.plugins.abuse_detection import AbuseDetection, AbuseDetectionConfig
 
 T0 = 1_700_000_000.0
 POLICY = BanPolicy(window=60.0, threshold=3, ban_seconds=600.0)
-REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_URL = SHARED_REDIS_URL
 
 
 async def until(check: Callable[[], object], timeout: float = 5.0) -> None:
@@ -245,26 +245,6 @@ def test_metrics_are_summed_across_workers(tmp_path: Path) -> None:
 # ---- RedisBans on the shared Redis ---------------------------------------------------
 
 
-async def shared_client() -> Redis:
-    client: Redis = Redis.from_url(REDIS_URL)
-    try:
-        async with asyncio.timeout(2):
-            await client.ping()
-    except Exception as exc:  # whatever redis-py raises, the service is not there
-        await client.aclose()
-        pytest.skip(f"Redis not reachable at 127.0.0.1:6379: {exc}")
-    return client
-
-
-@pytest.fixture
-async def redis() -> AsyncIterator[Redis]:
-    client = await shared_client()
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
 @pytest.fixture
 def prefix() -> str:
     return f"test:tollway:bans:{uuid.uuid4().hex}:"
@@ -275,9 +255,7 @@ async def cleanup(redis: Redis, prefix: str) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        keys = [k async for k in redis.scan_iter(match=prefix + "*", count=500)]
-        if keys:
-            await redis.delete(*keys)
+        await drop_keys(redis, prefix)
 
 
 @contextlib.asynccontextmanager

@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from support.gateway import free_port
-from support.redis_server import private_redis
+from support.redis_server import SHARED_REDIS_URL, drop_keys, private_redis, shared_client
 from support.relay import FaultRelay
 from tollway.limits import (
     NEVER,
@@ -46,38 +46,12 @@ from tollway.limits.resp import RespClient
 
 pytestmark = pytest.mark.needs_redis
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_URL = SHARED_REDIS_URL
 NY = "America/New_York"
 
 
 def unique_prefix() -> str:
     return f"test:tollway:rl:{uuid.uuid4().hex}:"
-
-
-async def drop_keys(client: Redis, prefix: str) -> None:
-    keys = [k async for k in client.scan_iter(match=prefix + "*", count=500)]
-    if keys:
-        await client.delete(*keys)
-
-
-async def shared_client() -> Redis:
-    client: Redis = Redis.from_url(REDIS_URL)
-    try:
-        async with asyncio.timeout(2):
-            await client.ping()
-    except Exception as exc:  # whatever redis-py raises, the service is not there
-        await client.aclose()
-        pytest.skip(f"Redis not reachable at 127.0.0.1:6379: {exc}")
-    return client
-
-
-@pytest.fixture
-async def redis() -> AsyncIterator[Redis]:
-    client = await shared_client()
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture

@@ -1,11 +1,13 @@
-"""A private redis-server on a free loopback port, for tests that kill Redis.
+"""Redis for tests: the shared server's client, and private servers to kill.
 
-The shared Redis at 127.0.0.1:6379 is never stopped by a test; a test that needs
-Redis to die starts one of these and ends it by its own pid.
+The shared Redis at 127.0.0.1:6379 is never stopped or flushed by a test: tests
+write under a prefix of their own and drop it (`drop_keys`). A test that needs
+Redis to die starts a `PrivateRedis` and ends it by its own pid.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -17,7 +19,32 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+from redis.asyncio import Redis
+
 from support.gateway import free_port
+
+SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+async def shared_client() -> Redis:
+    """A client of the shared Redis (the test is skipped without it; in CI the
+    needs_redis marker turns that skip into a failure)."""
+    client: Redis = Redis.from_url(SHARED_REDIS_URL)
+    try:
+        async with asyncio.timeout(2):
+            await client.ping()
+    except Exception as exc:  # whatever redis-py raises, the service is not there
+        await client.aclose()
+        pytest.skip(f"Redis not reachable at 127.0.0.1:6379: {exc}")
+    return client
+
+
+async def drop_keys(client: Redis, prefix: str) -> None:
+    """Delete every key under a test's own prefix."""
+    keys = [k async for k in client.scan_iter(match=prefix + "*", count=500)]
+    if keys:
+        await client.delete(*keys)
 
 
 class PrivateRedis:
