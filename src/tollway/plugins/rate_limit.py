@@ -41,9 +41,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 from pydantic import Field, field_validator, model_validator
@@ -80,19 +80,6 @@ VARS = "rate-limit"
 MAX_COMPILED = 4096
 
 
-class WindowSpecLike(Protocol):
-    """A window as plans (limits.plans.WindowSpec) and this config give it."""
-
-    @property
-    def per(self) -> Per: ...
-    @property
-    def limit(self) -> int: ...
-    @property
-    def burst(self) -> int | None: ...
-    @property
-    def cost(self) -> int | None: ...
-
-
 class WindowConfig(PluginConfig):
     per: Per = Field(description="second | minute | hour | day | month")
     limit: int = Field(ge=1, description="requests (or cost units) per window")
@@ -110,7 +97,6 @@ class WindowConfig(PluginConfig):
         return self
 
 
-KeyPart = str
 _KEY_KINDS = ("ip", "consumer", "key", "route")
 
 
@@ -619,7 +605,7 @@ class _EarlyRefunding(RateLimit):
 _MISSING = object()
 
 
-def _getter(part: KeyPart) -> Callable[[RequestContext], str]:
+def _getter(part: str) -> Callable[[RequestContext], str]:
     """A function giving the key value of `part` for a request (IP when absent)."""
     if part == "ip":
         return lambda ctx: "ip=" + ctx.client_ip
@@ -649,6 +635,3 @@ def _getter(part: KeyPart) -> Callable[[RequestContext], str]:
         return "header=" + value.decode("latin-1")
 
     return header
-
-
-AccessAwaitable = Awaitable[Response | None]
