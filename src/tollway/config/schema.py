@@ -8,14 +8,11 @@ checked when a snapshot is built (config/snapshot.py), with the same error paths
 from __future__ import annotations
 
 import ipaddress
-import math
 import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
-    AfterValidator,
-    BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
@@ -23,11 +20,27 @@ from pydantic import (
     model_validator,
 )
 
+from tollway.config.schema_base import (
+    Duration,
+    Model,
+    Regex,
+    Size,
+    parse_duration,
+    parse_size,
+)
+from tollway.config.upstream_schema import (
+    Balancer,
+    CircuitBreakerConfig,
+    DnsDiscovery,
+    HealthChecks,
+    RetryConfig,
+    RouteRetryConfig,
+    check_hash_on,
+)
 from tollway.gateway.http11 import normalize_path
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+__all__ = ["Duration", "Regex", "Size", "parse_duration", "parse_size"]
+
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$"
 _CONSUMER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._~+@-]{0,319}$"
 HTTP_METHODS = frozenset(
@@ -35,55 +48,9 @@ HTTP_METHODS = frozenset(
 )
 
 
-def parse_duration(value: Any) -> float:
-    """'2s', '500ms', '1.5m', '1h', or a number of seconds -> seconds."""
-    if isinstance(value, bool):
-        raise ValueError("must be a duration such as 2s, 500ms or 1m")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (m := _DURATION.match(value)):
-        seconds = float(m.group(1)) * _UNITS[m.group(2)]
-    else:
-        raise ValueError("must be a duration such as 2s, 500ms or 1m")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError("must be a finite, non-negative duration")
-    return seconds
-
-
-def parse_size(value: Any) -> int:
-    """'10m', '512k', '1g', '100b' or a number of bytes -> bytes (1k = 1024)."""
-    if isinstance(value, bool):
-        raise ValueError("must be a size such as 512k, 10m or 1g")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError("must not be negative")
-        return value
-    if isinstance(value, str) and (m := _SIZE.match(value)):
-        unit = (m.group(2) or "b").lower()[0]
-        return int(m.group(1)) * {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
-    raise ValueError("must be a size such as 512k, 10m or 1g")
-
-
-def _compiles(value: str) -> str:
-    try:
-        re.compile(value)
-    except re.error as exc:
-        raise ValueError(f"not a valid regular expression: {exc}") from exc
-    return value
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-# A string that must compile as a Python regular expression.
-Regex = Annotated[str, AfterValidator(_compiles)]
-Size = Annotated[int, BeforeValidator(parse_size)]
-
-
-class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
 
 class TargetConfig(Model):
-    """One upstream address of a service (balancing is the upstreams issue)."""
+    """One upstream address of a service, with its share of the traffic."""
 
     target: str = Field(description="host:port")
     weight: int = Field(default=100, ge=0, le=65535)
@@ -119,8 +86,25 @@ class ServiceConfig(Model):
     connect_timeout: Duration = 5.0
     write_timeout: Duration = 60.0
     read_timeout: Duration = 60.0
+    # From the first attempt to the response head, retries and backoff included.
+    total_timeout: Duration | None = None
     pool: PoolConfig = PoolConfig()
+    balancer: Balancer = "round_robin"
+    # The key of consistent_hash: header:<name>, cookie:<name>, consumer or ip.
+    hash_on: str | None = None
+    healthchecks: HealthChecks = HealthChecks()
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    retries: RetryConfig = RetryConfig()
+    # Targets from DNS instead of (or before any) url/targets.
+    dns: DnsDiscovery | None = None
+    # Targets may register through the admin API (POST /upstreams/{name}/targets).
+    registration: bool = False
     tags: tuple[str, ...] = ()
+
+    @field_validator("hash_on")
+    @classmethod
+    def _hash_on(cls, v: str | None) -> str | None:
+        return check_hash_on(v)
 
     @field_validator("url")
     @classmethod
@@ -153,10 +137,15 @@ class ServiceConfig(Model):
 
     @model_validator(mode="after")
     def _one_destination(self) -> ServiceConfig:
-        if (self.url is None) == (self.targets is None):
-            raise ValueError("give exactly one of url or targets")
+        sources = (self.url is not None) + (self.targets is not None) + (self.dns is not None)
+        if sources > 1:
+            raise ValueError("give one of url, targets or dns")
+        if sources == 0 and not self.registration:
+            raise ValueError("give one of url, targets or dns (or registration: true)")
         if self.targets is not None and not self.targets:
             raise ValueError("targets must not be empty")
+        if self.balancer == "consistent_hash" and self.hash_on is None:
+            raise ValueError("balancer consistent_hash needs hash_on")
         return self
 
 
@@ -191,6 +180,8 @@ class RouteConfig(Model):
     connect_timeout: Duration | None = None
     write_timeout: Duration | None = None
     read_timeout: Duration | None = None
+    total_timeout: Duration | None = None
+    retries: RouteRetryConfig | None = None
     tags: tuple[str, ...] = ()
 
     @field_validator("paths")
