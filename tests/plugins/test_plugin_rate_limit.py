@@ -79,12 +79,18 @@ def test_header_key_is_normalized_and_a_single_key_by_is_a_list() -> None:
 TRUSTED = "trusted_proxies: [127.0.0.1/32]"
 
 
-def rl_config(url: str, rate_limit: str, key_auth: bool = False, routes: str = "") -> str:
+def rl_config(
+    url: str, rate_limit: str, key_auth: bool = False, routes: str = "", service: str = ""
+) -> str:
     plugins = "plugins:\n"
     if key_auth:
         plugins += "  - name: key-auth\n    config: {log_usage: false}\n"
     plugins += f"  - name: rate-limit\n    config: {rate_limit}\n"
-    return api_config(url, plugins, routes=routes, top=TRUSTED)
+    return api_config(url, plugins, routes=routes, top=TRUSTED, service=service)
+
+
+# The status tests script one upstream answer per request: no retries may eat one.
+NO_RETRIES = "retries: {attempts: 1}"
 
 
 @pytest.fixture
@@ -216,7 +222,7 @@ async def test_count_only_success_gives_back_failed_requests(tmp_path: Path) -> 
     statuses = [500, 502, 404, 200, 200]
     async with _status_upstream(statuses) as up:
         cfg = "{limits: [{per: minute, limit: 2}], key_by: ip, count_only_success: true}"
-        async with running_gateway(tmp_path, rl_config(up.url, cfg)) as gw:
+        async with running_gateway(tmp_path, rl_config(up.url, cfg, service=NO_RETRIES)) as gw:
             got = [(await call(gw)).status for _ in range(6)]
     # Three failures were refunded; the two successes used the limit up.
     assert got == [500, 502, 404, 200, 200, 429]
@@ -226,7 +232,7 @@ async def test_refund_on_status_gives_back_only_those(tmp_path: Path) -> None:
     statuses = [503, 500, 200]
     async with _status_upstream(statuses) as up:
         cfg = "{limits: [{per: minute, limit: 2}], key_by: ip, refund_on_status: [503]}"
-        async with running_gateway(tmp_path, rl_config(up.url, cfg)) as gw:
+        async with running_gateway(tmp_path, rl_config(up.url, cfg, service=NO_RETRIES)) as gw:
             got = [(await call(gw)).status for _ in range(4)]
     assert got == [503, 500, 200, 429]
 

@@ -17,16 +17,20 @@ from tollway.gateway.app import Gateway
 from tollway.settings import Settings
 
 
-def api_config(upstream_url: str, plugins: str = "", routes: str = "", top: str = "") -> str:
+def api_config(
+    upstream_url: str, plugins: str = "", routes: str = "", top: str = "", service: str = ""
+) -> str:
     """The usual test config: one service, one route on /api, optional plugins YAML.
 
-    `routes` adds route entries after /api; `top` adds top-level YAML before services.
+    `routes` adds route entries after /api; `top` adds top-level YAML before services;
+    `service` adds settings to the service (e.g. "retries: {attempts: 1}").
     """
     return f"""
 {top}
 services:
   - name: up
     url: {upstream_url}
+    {service}
 routes:
   - name: api
     service: up

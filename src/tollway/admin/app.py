@@ -1,16 +1,17 @@
-"""The admin API on the admin port (8001): users, keys, plans, grants, usage, status,
-health, metrics.
+"""The admin API on the admin port (8001): users, keys, plans, grants, usage, upstream
+registrations, status, health, metrics.
 
 Successful answers are plain JSON objects (probes and uptime checkers read /health
 as is); every error, including a failed probe, uses the gateway's envelope.
 Everything but /health*, /metrics, /docs and /openapi.json needs the admin token
-(admin/auth.py says why those stay open). The users, keys, plans, grants and usage
-routers need the database, so they are mounted only when the app is given a runtime.
+(admin/auth.py says why those stay open). The users, keys, plans, grants, usage and
+upstreams routers need the database, so they are mounted only when the app is given
+a runtime.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request, Response, Security
 
 from tollway import __version__
-from tollway.admin import bans, grants, keys, plans, usage, users
+from tollway.admin import bans, grants, keys, plans, upstreams, usage, users
 from tollway.admin.auth import AdminGuard, bearer_scheme
 from tollway.admin.envelope import error_response, install_error_handlers, request_id_of
 from tollway.admin.token import load_admin_token
@@ -26,6 +27,7 @@ from tollway.observability.health import HealthRegistry
 from tollway.settings import Settings
 
 if TYPE_CHECKING:
+    from tollway.config.schema import ServiceConfig
     from tollway.runtime import Runtime
 
 _ENVELOPE_DOC = {"description": "Error envelope (`responseStatus: error`)"}
@@ -44,6 +46,11 @@ class AdminState:
     # The bearer token every guarded route needs. None: read (or generated) from
     # the settings, as admin/token.py does; the gateway passes the one it printed.
     admin_token: str | None = None
+    # The loaded snapshot's services by name, for /upstreams registrations (the
+    # service must exist and have `registration: true`). None: not checked.
+    service_configs: Callable[[], Mapping[str, ServiceConfig]] | None = None
+    # This process's clusters (upstream/clusters.py): targets, health, breakers.
+    upstreams: Callable[[], dict[str, Any]] | None = None
 
 
 def create_admin_app(state: AdminState) -> FastAPI:
@@ -130,6 +137,7 @@ def create_admin_app(state: AdminState) -> FastAPI:
             plans.router,
             grants.router,
             bans.router,
+            upstreams.router,
         )
         for router in routers:
             app.include_router(router, dependencies=guarded)

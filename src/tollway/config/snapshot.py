@@ -159,7 +159,9 @@ def build_snapshot(
             config=rc,
             index=i,
             service=service,
-            timeouts=service.timeouts(rc.connect_timeout, rc.write_timeout, rc.read_timeout),
+            timeouts=service.timeouts(
+                rc.connect_timeout, rc.write_timeout, rc.read_timeout, rc.total_timeout
+            ),
         )
         route.chain = chain_of(merged, with_consumers(merged))
         routes.append(route)

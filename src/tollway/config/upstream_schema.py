@@ -58,6 +58,13 @@ class ActiveHealthCheck(Model):
                 raise ValueError(f"expected_statuses[{i}]: not an HTTP status")
         return v
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str | None) -> str | None:
+        if v is not None and (not v.isascii() or any(c in v for c in " \r\n\t\0")):
+            raise ValueError("must be a host name (ASCII, no whitespace)")
+        return v
+
     @model_validator(mode="after")
     def _timeout_below_interval(self) -> ActiveHealthCheck:
         if self.interval <= 0:
@@ -83,6 +90,12 @@ class PassiveHealthCheck(Model):
     # one target of a service of two or more may always go).
     max_ejection_percent: int = Field(default=50, ge=0, le=100)
 
+    @model_validator(mode="after")
+    def _max_above_base(self) -> PassiveHealthCheck:
+        if self.max_ejection_time < self.base_ejection_time:
+            raise ValueError("max_ejection_time must be at least base_ejection_time")
+        return self
+
 
 class HealthChecks(Model):
     active: ActiveHealthCheck | None = None
@@ -105,7 +118,15 @@ class CircuitBreakerConfig(Model):
     open_time: Duration = 5.0
     half_open_successes: int = Field(default=2, ge=1)
     half_open_probes: int = Field(default=1, ge=1)
-    failure_statuses: tuple[int, ...] = (500, 502, 503, 504)
+    # 500 is left out by default: it is often one request's bug, not a sick target
+    # (passive health checks still count every 5xx).
+    failure_statuses: tuple[int, ...] = (502, 503, 504)
+
+    @model_validator(mode="after")
+    def _positive_times(self) -> CircuitBreakerConfig:
+        if self.window <= 0 or self.open_time <= 0:
+            raise ValueError("window and open_time must be above zero")
+        return self
 
 
 class RetryConfig(Model):
@@ -119,7 +140,7 @@ class RetryConfig(Model):
     # POST, PATCH and other non-idempotent methods are retried only with this set (or
     # when the request carries an Idempotency-Key).
     non_idempotent: bool = False
-    # Full jitter: each wait is uniform in [0, min(backoff_max, backoff_base * 2^n)].
+    # Full jitter: retry n waits uniform in [0, min(backoff_max, backoff_base * 2^(n-1))].
     backoff_base: Duration = 0.025
     backoff_max: Duration = 0.25
     # Retries at most budget_ratio of the requests of the last budget_window, plus
@@ -127,6 +148,14 @@ class RetryConfig(Model):
     budget_ratio: float = Field(default=0.2, ge=0, le=1)
     budget_min_per_second: float = Field(default=5.0, ge=0)
     budget_window: Duration = 10.0
+
+    @model_validator(mode="after")
+    def _sane(self) -> RetryConfig:
+        if self.budget_window <= 0:
+            raise ValueError("budget_window must be above zero")
+        if self.backoff_max < self.backoff_base:
+            raise ValueError("backoff_max must be at least backoff_base")
+        return self
 
 
 class RouteRetryConfig(Model):

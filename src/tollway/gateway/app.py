@@ -15,7 +15,9 @@ import ctypes
 import ctypes.util
 import gc
 import os
+import secrets
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -30,7 +32,7 @@ from tollway.admin.token import AdminToken, AdminTokenError, load_admin_token
 from tollway.config.errors import ConfigError
 from tollway.config.loader import load_config
 from tollway.config.reload import ConfigWatcher
-from tollway.config.schema import GatewayConfig
+from tollway.config.schema import GatewayConfig, ServiceConfig
 from tollway.config.snapshot import Snapshot, build_snapshot
 from tollway.gateway.dataplane import DataPlane
 from tollway.identity.apikeys import PepperError
@@ -38,6 +40,7 @@ from tollway.observability import metrics as metrics_mod
 from tollway.observability.abuse_metrics import AbuseMetrics
 from tollway.observability.health import HealthRegistry
 from tollway.observability.logging import configure_logging
+from tollway.observability.upstream_metrics import UpstreamMetrics
 from tollway.plugins.rate_limit import config_uses_rate_limits, unshared_limits_problem
 from tollway.runtime import (
     DatabaseUnavailable,
@@ -48,6 +51,7 @@ from tollway.runtime import (
 )
 from tollway.settings import Settings
 from tollway.storage.migrate import upgrade
+from tollway.upstream.clusters import ClusterManager
 from tollway.upstream.probe import probe_services
 
 if TYPE_CHECKING:
@@ -95,6 +99,7 @@ class Gateway:
         self.metrics = metrics or metrics_mod.GatewayMetrics()
         self.health = HealthRegistry(workers=settings.workers)
         self.plane: DataPlane | None = None
+        self.clusters = ClusterManager()
         self.admin: EmbeddedServer | None = None
         self.watcher: ConfigWatcher | None = None
         self.snapshot: Snapshot | None = None
@@ -119,6 +124,17 @@ class Gateway:
         if self.serve_proxy:
             self.plane = DataPlane(self.settings, self.snapshot, self.metrics, loop)
             self.metrics.set_pool_stats_source(self.plane.pools.stats)
+            self.clusters = self.plane.clusters
+            self.metrics.add_exporter(UpstreamMetrics(self.clusters.stats).flush)
+        else:
+            # The parent of workers keeps clusters too, for /upstreams and the active
+            # checks' view; passive health and breakers live in each worker.
+            self.clusters.apply(self.snapshot.services)
+        await self.clusters.connect_shared(
+            self.runtime.database, self.runtime.redis,
+            f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}",
+        )
+        if self.plane is not None:
             self.port = await self.plane.listen(
                 self.settings.host, self.settings.port, self.reuse_port
             )
@@ -145,6 +161,8 @@ class Gateway:
                 snapshot_info=self._snapshot_info,
                 runtime=self.runtime,
                 admin_token=token.value,
+                service_configs=self._service_configs,
+                upstreams=self._upstreams_state,
             )
             self.admin = EmbeddedServer(
                 create_admin_app(state),
@@ -163,6 +181,13 @@ class Gateway:
             )
             self.watcher.start()
 
+    def _service_configs(self) -> dict[str, ServiceConfig]:
+        snapshot = self.snapshot
+        return {} if snapshot is None else {s.name: s for s in snapshot.config.services}
+
+    def _upstreams_state(self) -> dict[str, Any]:
+        return self.clusters.describe(asyncio.get_running_loop().time())
+
     def _snapshot_info(self) -> dict[str, Any]:
         info = self.snapshot.summary() if self.snapshot else {}
         info["reloads"] = self.reloads
@@ -173,7 +198,10 @@ class Gateway:
         snapshot = self.snapshot
         if snapshot is None:
             return {}
-        report: dict[str, Any] = {"services": await probe_services(snapshot.services)}
+        report: dict[str, Any] = {
+            "services": await probe_services(snapshot.services),
+            "clusters": self._upstreams_state(),
+        }
         if self.plane is not None:
             report["pools"] = {
                 key: {"idle": idle, "in_use": in_use}
@@ -211,6 +239,8 @@ class Gateway:
         self.snapshot = snapshot
         if self.plane is not None:
             self.plane.swap(snapshot)
+        else:
+            self.clusters.apply(snapshot.services)
         self.reloads += 1
         # With workers, the parent reloads too (for /health and /status); only the
         # data-plane processes count, so that one change counts once per worker.
@@ -228,6 +258,8 @@ class Gateway:
             cut = await self.plane.shutdown(self.settings.shutdown_timeout)
         if self.admin is not None:
             await self.admin.stop()
+        if self.plane is None:
+            await self.clusters.aclose()
         if self.runtime is not None:
             # After the data plane: the last requests' usage records are queued.
             await self.runtime.close(self.settings.shutdown_timeout)

@@ -18,6 +18,7 @@ import structlog
 from tollway.config.snapshot import Snapshot
 from tollway.gateway.server import ClientConnection
 from tollway.settings import Settings
+from tollway.upstream.clusters import ClusterManager
 from tollway.upstream.pool import PoolManager
 
 log = structlog.get_logger("tollway.dataplane")
@@ -64,6 +65,9 @@ class DataPlane:
         self.metrics: RequestMetrics = metrics or NullMetrics()
         self.loop = loop or asyncio.get_running_loop()
         self.pools = PoolManager()
+        # Balancing, health, breakers: per service, kept across snapshots like the pools.
+        self.clusters = ClusterManager()
+        self.clusters.apply(snapshot.services)
         self.connections: set[ClientConnection] = set()
         self.draining = False
         # Why connections are being cut, for the access log of their requests.
@@ -118,6 +122,7 @@ class DataPlane:
     def swap(self, snapshot: Snapshot) -> None:
         """Make `snapshot` current. Requests already running keep theirs; a retired
         snapshot's plugins are closed once no request uses it (see _sweep)."""
+        self.clusters.apply(snapshot.services)
         old, self.snapshot = self.snapshot, snapshot
         self._retired.append(old)
 
@@ -185,6 +190,7 @@ class DataPlane:
             self._sweeper.cancel()
             self._sweeper = None
         self.pools.close()
+        await self.clusters.aclose()
         for task in list(self._tasks):
             task.cancel()
         self.snapshot.close()

@@ -12,12 +12,22 @@ upstream connection is attached yet, and reading pauses past BODY_BUFFER bytes.
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 import structlog
 
+from tollway.gateway.attempts import (
+    REPLAY_LIMIT,
+    error_outcome,
+    hash_key,
+    may_retry,
+    refusal_response,
+    retry_reason,
+)
 from tollway.gateway.context import (
     Headers,
     RequestContext,
@@ -36,12 +46,16 @@ from tollway.gateway.framing import (
 )
 from tollway.gateway.http11 import DATE, HOP_BY_HOP, render_head
 from tollway.gateway.pipeline import Chain, FilterChain, active_chain
+from tollway.upstream.cluster import Refusal
 from tollway.upstream.errors import UpstreamError, UpstreamReadTimeout, UpstreamWriteTimeout
+from tollway.upstream.health import Outcome
+from tollway.upstream.retry import IDEMPOTENT_METHODS, backoff_delay
 from tollway.upstream.service import Timeouts
 
 if TYPE_CHECKING:
     from tollway.config.snapshot import Snapshot
     from tollway.gateway.server import ClientConnection
+    from tollway.upstream.cluster import Cluster, Host
     from tollway.upstream.connection import UpstreamConnection
     from tollway.upstream.pool import ConnectionPool
     from tollway.upstream.service import Service
@@ -51,36 +65,44 @@ log = structlog.get_logger("tollway.exchange")
 BODY_BUFFER = 64 * 1024
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 DEFAULT_TIMEOUTS = Timeouts(connect=5.0, write=60.0, read=60.0)
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-# Headers the upstream request never carries from the client as they are.
 
 
 class Exchange:
     __slots__ = (
+        "attempt",
         "body_buf",
         "body_buf_size",
         "body_received",
         "chain",
         "close_after",
+        "cluster",
         "conn",
         "connection",
         "ctx",
+        "deadline",
         "expect_continue",
         "filters",
         "finished",
+        "host",
         "keep_alive",
         "out",
+        "outcome_done",
         "pool",
         "preset",
+        "replay",
+        "replay_size",
         "request_done",
         "resp_chunked",
         "resp_connection",
         "response_started",
         "retried",
+        "retry_timer",
         "reused",
         "service",
+        "service_failed",
         "snapshot",
         "timeouts",
+        "tried",
         "upgrade",
         "upgrade_tail",
         "upstream",
@@ -130,6 +152,20 @@ class Exchange:
         self.retried = False
         # An answer decided before routing (a refused request): sent when its turn comes.
         self.preset: Response | None = None
+        # The upstream side: the cluster once admitted, the target of the current
+        # attempt, the targets tried before it, the deadline of all attempts.
+        self.cluster: Cluster | None = None
+        self.host: Host | None = None
+        self.attempt = 0
+        self.tried: list[str] | None = None
+        self.outcome_done = False
+        self.deadline = 0.0
+        self.retry_timer: asyncio.TimerHandle | None = None
+        # The final outcome for the service breaker (None: nothing the upstream did).
+        self.service_failed: bool | None = None
+        # The request body received so far, kept for a retry while it is short.
+        self.replay: list[bytes] | None = []
+        self.replay_size = 0
 
     @property
     def body_pending(self) -> bool:
@@ -213,18 +249,46 @@ class Exchange:
             self.close_after = True
             self.respond(Response.error("payload_too_large", ctx.request_id))
             return
+        cluster = service.cluster
+        assert cluster is not None  # bound when the snapshot reached the data plane
+        now = self.conn.plane.loop.time()
+        refusal = cluster.admit(now)
+        if refusal is not None:
+            self.respond(refusal_response(refusal, ctx, service.name))
+            return
+        self.cluster = cluster
+        cluster.budget.record_request(now)
+        if self.timeouts.total is not None:
+            self.deadline = now + self.timeouts.total
         if self.expect_continue and not self.request_done and self.body_received == 0:
             self.conn.write(CONTINUE)
-        target = service.pick()
+        self._attempt(now)
+
+    def _attempt(self, now: float) -> None:
+        """Send the request to a target the cluster picks (another one on a retry)."""
+        cluster = self.cluster
+        service = self.service
+        assert cluster is not None and service is not None
+        key = hash_key(self.ctx, cluster.config.hash_on) if cluster.config.hash_on else None
+        picked = cluster.pick(now, key, self.tried)
+        if isinstance(picked, Refusal):
+            self.service_failed = True
+            self.respond(refusal_response(picked, self.ctx, service.name))
+            return
+        self.host = picked
+        picked.active += 1
+        self.attempt += 1
+        self.outcome_done = False
         # Known from here on, so that an error before any byte is sent (connect
         # refused, connect timeout) still names the upstream it could not reach.
-        ctx.upstream_addr = target.key
-        pool = self.pool = self.conn.plane.pools.get(target, service.pool)
+        self.ctx.upstream_addr = picked.key
+        pool = self.pool = self.conn.plane.pools.get(picked.target, service.pool)
         upstream = pool.acquire_nowait()
         if upstream is not None:
             self.reused = True
             self._send(upstream)
         else:
+            self.reused = False
             self.conn.plane.spawn(self._connect(pool))
 
     def _respond_unrouted(self) -> None:
@@ -246,10 +310,15 @@ class Exchange:
     # ---- the upstream request ----------------------------------------------------
 
     async def _connect(self, pool: ConnectionPool) -> None:
+        timeout = self.timeouts.connect
+        if self.deadline:
+            timeout = min(timeout, max(self.deadline - self.conn.plane.loop.time(), 0.0))
         try:
-            upstream = await pool.connect(self.timeouts.connect)
+            upstream = await pool.connect(timeout)
         except UpstreamError as exc:
-            self._upstream_error(exc)
+            if self.finished:
+                return
+            self._attempt_failed(exc, sent=False)
             return
         if self.finished:
             pool.release(upstream, True)
@@ -315,7 +384,107 @@ class Exchange:
                 conn.set_deadline("upstream", self.read_timeout())
 
     def read_timeout(self) -> float:
-        return self.timeouts.read
+        read = self.timeouts.read
+        if self.deadline and not self.response_started:
+            # Until the head arrives, the total timeout bounds the wait too.
+            return min(read, max(self.deadline - self.conn.plane.loop.time(), 0.0))
+        return read
+
+    # ---- attempts: outcomes and retries --------------------------------------------
+
+    def _outcome(self, status: int | None, error: Outcome | None = None) -> None:
+        """Tell the cluster how this attempt ended (once per attempt)."""
+        host = self.host
+        cluster = self.cluster
+        if host is None or cluster is None or self.outcome_done:
+            return
+        self.outcome_done = True
+        cluster.attempt_done(host, self.conn.plane.loop.time(), status, error)
+        if status is not None:
+            cluster.stats.observe(
+                cluster.name, host.key, time.perf_counter() - self.ctx.upstream_start
+            )
+
+    def _release_host(self) -> None:
+        host, self.host = self.host, None
+        if host is not None:
+            host.active -= 1
+            if not self.outcome_done and self.cluster is not None:
+                self.cluster.attempt_abandoned(host, self.conn.plane.loop.time())
+            self.outcome_done = True
+
+    def _status_retried(self, status: int) -> bool:
+        """The response head's status is known: record it; retry when it says so."""
+        cluster = self.cluster
+        if cluster is None or self.host is None:
+            return False
+        self._outcome(status)
+        self.service_failed = status in cluster.config.circuit_breaker.failure_statuses
+        if status in cluster.config.retries.on_statuses and self._may_retry("status", True):
+            self._abort_upstream()
+            self._schedule_retry()
+            return True
+        if self.deadline and self.conn.deadline_kind == "upstream":
+            # The head came within the total timeout: the body's pace is read's business.
+            self.conn.set_deadline("upstream", self.timeouts.read)
+        return False
+
+    def _attempt_failed(self, exc: UpstreamError, sent: bool) -> None:
+        """An attempt ended without a response head: retry it, or answer the error."""
+        outcome = error_outcome(exc)
+        if outcome is not None:
+            self._outcome(None, outcome)
+        self._release_host()
+        if self._may_retry(retry_reason(exc), sent):
+            self._schedule_retry()
+        else:
+            self._upstream_error(exc)
+
+    def _may_retry(self, reason: str, sent: bool) -> bool:
+        cluster = self.cluster
+        if cluster is None or self.response_started or self.finished:
+            return False
+        if not may_retry(self.ctx, cluster, self.attempt, reason, sent, self.replay is not None):
+            return False
+        now = self.conn.plane.loop.time()
+        if self.deadline and now >= self.deadline:
+            return False
+        # A request that timed out or was cut at a target may still be running
+        # there: its retry goes to another target or not at all. (A refused connect
+        # or a retryable status may try the same one again.)
+        besides: list[str] = []
+        if reason in ("timeout", "reset") and self.ctx.upstream_addr is not None:
+            besides = [*(self.tried or ()), self.ctx.upstream_addr]
+        if not cluster.has_available(now, besides):
+            return False  # the last answer beats a refusal from an empty cluster
+        if not cluster.budget.try_spend(now):
+            cluster.stats.exhausted(cluster.name)
+            return False
+        cluster.stats.retry(cluster.name, reason)
+        return True
+
+    def _schedule_retry(self) -> None:
+        cluster = self.cluster
+        assert cluster is not None
+        policy = cluster.config.retries
+        loop = self.conn.plane.loop
+        delay = backoff_delay(self.attempt, policy.backoff_base, policy.backoff_max, _RNG)
+        if self.deadline:
+            delay = min(delay, max(self.deadline - loop.time(), 0.0))
+        if self.ctx.upstream_addr is not None:
+            self.tried = [*(self.tried or ()), self.ctx.upstream_addr]
+        # Everything received so far goes again, in order; what is still to come
+        # follows it as it arrives.
+        assert self.replay is not None
+        self.body_buf = list(self.replay)
+        self.body_buf_size = self.replay_size
+        self.upstream_sent_all = False
+        self.retry_timer = loop.call_later(delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self.retry_timer = None
+        if not self.finished:
+            self._attempt(self.conn.plane.loop.time())
 
     # ---- request body from the client ----------------------------------------------
 
@@ -334,6 +503,13 @@ class Exchange:
                 self.close_after = True
                 self.respond(Response.error("payload_too_large", ctx.request_id))
             return
+        replay = self.replay
+        if replay is not None:
+            if self.replay_size + size <= REPLAY_LIMIT:
+                replay.append(chunk)
+                self.replay_size += size
+            else:
+                self.replay = None  # too long to keep: no retry once bytes went out
         upstream = self.upstream
         if upstream is not None:
             self._write_body(upstream, chunk)
@@ -372,6 +548,8 @@ class Exchange:
         ctx = self.ctx
         self.resp_connection = connection
         ctx.upstream_headers_at = time.perf_counter()
+        if self._status_retried(status):
+            return
         if status == 101:
             if self.upgrade is None:
                 self._upstream_error_now("upstream_bad_response", "unexpected 101 response")
@@ -421,6 +599,7 @@ class Exchange:
             self.pool.release(
                 upstream, keep_alive and self.upstream_sent_all and self.upgrade is None
             )
+        self._release_host()
         self._finish()
 
     def upstream_failed(self, exc: UpstreamError) -> None:
@@ -429,12 +608,14 @@ class Exchange:
             return
         if not self.response_started:
             if self._can_retry_stale(exc):
+                # The pooled connection had died while idle: not the target's fault,
+                # not a retry of the request; the same target gets a fresh connection.
                 self.retried = True
                 self.reused = False
                 assert self.pool is not None
                 self.conn.plane.spawn(self._connect(self.pool))
                 return
-            self._upstream_error(exc)
+            self._attempt_failed(exc, sent=True)
         else:
             self._fail_client("upstream_closed")
 
@@ -471,7 +652,9 @@ class Exchange:
             return False
         ctx = self.ctx
         has_body = ctx.chunked or bool(ctx.content_length)
-        idempotent = ctx.method in IDEMPOTENT or header_get(ctx.headers, b"idempotency-key")
+        idempotent = ctx.method in IDEMPOTENT_METHODS or header_get(
+            ctx.headers, b"idempotency-key"
+        )
         return not has_body and bool(idempotent)
 
     # ---- writing to the client -----------------------------------------------------
@@ -514,6 +697,8 @@ class Exchange:
         """
         ctx = self.ctx
         ctx.upstream_headers_at = time.perf_counter()
+        if self._status_retried(status):
+            return
         ctx.status = status
         self.response_started = True
         extra = b""
@@ -572,6 +757,7 @@ class Exchange:
 
     def _upstream_error(self, exc: UpstreamError) -> None:
         ctx = self.ctx
+        self.service_failed = True
         log.warning(
             "upstream failed", request_id=ctx.request_id, upstream=ctx.upstream_addr,
             error=str(exc), code=exc.code,
@@ -593,9 +779,17 @@ class Exchange:
         if self.finished:
             return
         if kind == "upstream":
-            self._abort_upstream()
-            self._upstream_error(UpstreamReadTimeout("upstream read timed out"))
+            if self.upstream is None and self.retry_timer is not None:
+                return  # between attempts: the next one arms its own deadline
+            self._abort_upstream(keep_host=True)
+            exc = UpstreamReadTimeout("upstream read timed out")
+            if self.response_started:
+                self._release_host()
+                self._upstream_error(exc)
+            else:
+                self._attempt_failed(exc, sent=True)
         elif kind == "upstream_write":
+            self._outcome(None, Outcome.TIMEOUT)
             self._abort_upstream()
             self.close_after = True  # the rest of the request body is not read
             self._upstream_error(UpstreamWriteTimeout("upstream stopped reading the request"))
@@ -618,10 +812,12 @@ class Exchange:
             self.ctx.status = 499  # nginx's code for "client closed request", logs only
         self._finish(notify_client=False)
 
-    def _abort_upstream(self) -> None:
+    def _abort_upstream(self, keep_host: bool = False) -> None:
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             upstream.abort()
+        if not keep_host:
+            self._release_host()
 
     def _fail_client(self, reason: str) -> None:
         """Something broke after the response began: all we can do is cut it."""
@@ -673,6 +869,7 @@ class Exchange:
     def relay_closed(self) -> None:
         """The upstream side of a relay closed: close the client side after flushing."""
         self.upstream = None
+        self._release_host()
         self.close_after = True
         self._finish()
 
@@ -680,6 +877,7 @@ class Exchange:
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             upstream.close()
+        self._release_host()
         self._finish(notify_client=False)
 
     # ---- the end -------------------------------------------------------------------
@@ -690,6 +888,13 @@ class Exchange:
         self.finished = True
         ctx = self.ctx
         ctx.finished_at = time.perf_counter()
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None
+        cluster = self.cluster
+        if cluster is not None:
+            self._release_host()
+            cluster.request_done(self.conn.plane.loop.time(), self.service_failed)
         if notify_client:
             self.conn.exchange_done(self)
         else:
@@ -706,6 +911,9 @@ class Exchange:
             ctx.finished_at - ctx.start,
             ctx.upstream_headers_at - ctx.upstream_start if ctx.upstream_headers_at else None,
         )
+
+
+_RNG = random.Random()
 
 
 def _coded(code: str, message: str) -> UpstreamError:

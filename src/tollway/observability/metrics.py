@@ -179,7 +179,7 @@ def _reset_families() -> None:
         _families = None
 
 
-def _add_observations(child: Histogram, slots: list[float]) -> None:
+def add_observations(child: Histogram, slots: list[float]) -> None:
     """Add a whole bucket array of observations to one labelled Histogram child.
 
     prometheus_client has no public bulk-observe, and calling `observe()` once per
@@ -324,10 +324,10 @@ class GatewayMetrics:
 
         route_hist, self._route_hist = self._route_hist, defaultdict(_new_hist)
         for route, slots in route_hist.items():
-            _add_observations(fam.request_duration.labels(route), slots)
+            add_observations(fam.request_duration.labels(route), slots)
         upstream_hist, self._upstream_hist = self._upstream_hist, defaultdict(_new_hist)
         for service, slots in upstream_hist.items():
-            _add_observations(fam.upstream_duration.labels(service), slots)
+            add_observations(fam.upstream_duration.labels(service), slots)
 
         errors, self._errors = self._errors, defaultdict(int)
         _inc_each(fam.errors, errors)
@@ -369,7 +369,7 @@ class GatewayMetrics:
                 else [a - b for a, b in zip(current, previous, strict=True)]
             )
             if any(diff):
-                _add_observations(fam.limiter_duration.labels(store), diff)
+                add_observations(fam.limiter_duration.labels(store), diff)
             self._limit_hist_seen[store] = current
 
     def _flush_usage(self, fam: _Families) -> None:

@@ -274,3 +274,24 @@ class LimitGrant(Base):
     reason: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class UpstreamTarget(Base):
+    """A target that registered itself for a service through the admin API.
+
+    Live while `expires_at` is ahead; heartbeats move it on by `ttl_seconds` (or a
+    ttl they give). Kept in the database so that every worker and node sees the
+    same registrations; expired rows are purged by the watchers, and are ignored
+    until then. (service, target) is the key: a target re-registering is a refresh.
+    """
+
+    __tablename__ = "upstream_targets"
+
+    service: Mapped[str] = mapped_column(String(128), primary_key=True)
+    # Canonical "host:port", IPv6 in brackets.
+    target: Mapped[str] = mapped_column(String(300), primary_key=True)
+    weight: Mapped[int] = mapped_column(Integer, default=100)
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    ttl_seconds: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    registered_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

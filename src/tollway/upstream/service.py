@@ -1,17 +1,26 @@
-"""A service of one snapshot: where its requests go and with which timeouts.
+"""A service of one snapshot: its configured targets, base path and timeouts.
 
-Balancing, health and breakers are the upstreams issue; until then a service with
-several targets takes them in weighted round robin order. Targets are identified
-by (host, port) so that the keep-alive pools outlive config reloads.
+Which target a request goes to is its cluster's business (upstream/cluster.py: the
+live state that outlives snapshots); `cluster` is bound when the snapshot is applied
+to a data plane. Targets are identified by (host, port) so that the keep-alive pools
+and the clusters' per-target state outlive config reloads.
+
+A `TOLLWAY_SERVICE_<NAME>_URL` environment variable, when set, replaces the file's
+url or targets (services that register through their environment, seed 001).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import urlsplit
 
 from tollway.config.schema import PoolConfig, ServiceConfig
+
+if TYPE_CHECKING:
+    from tollway.upstream.cluster import Cluster
 
 
 class Timeouts(NamedTuple):
@@ -20,6 +29,8 @@ class Timeouts(NamedTuple):
     connect: float
     write: float
     read: float
+    # From the first attempt to the response head, retries included; None: unbounded.
+    total: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,45 +59,49 @@ class Target:
 class Service:
     name: str
     config: ServiceConfig
+    # From the file (or its environment override); DNS and registrations add theirs
+    # in the cluster.
     targets: tuple[Target, ...]
     base_path: str
     pool: PoolConfig
     connect_timeout: float
     write_timeout: float
     read_timeout: float
-    _rr: list[Target] = field(default_factory=list)
-    _next: int = 0
+    total_timeout: float | None = None
+    cluster: Cluster | None = None
 
     @classmethod
     def from_config(
-        cls, config: ServiceConfig, internal_sockets: dict[str, str] | None = None
+        cls,
+        config: ServiceConfig,
+        internal_sockets: dict[str, str] | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> Service:
-        if config.url is not None and config.url.startswith("internal:"):
+        from tollway.upstream.discovery import env_targets
+
+        targets: tuple[Target, ...] = ()
+        base = config.path
+        from_env = env_targets(config.name, os.environ if environ is None else environ)
+        if from_env is not None:
+            targets, base = from_env
+        elif config.url is not None and config.url.startswith("internal:"):
             name = config.url.removeprefix("internal:")
             path = (internal_sockets or {}).get(name)
             if path is None:
                 raise ValueError(f"no internal upstream named {name!r}")
-            targets: tuple[Target, ...] = (Target("localhost", 0, 100, path),)
+            targets = (Target("localhost", 0, 100, path),)
             base = "/"
         elif config.url is not None:
             parts = urlsplit(config.url)
             assert parts.hostname is not None  # schema checked it
             targets = (Target(parts.hostname, parts.port or 80),)
             base = parts.path or "/"
-        else:
-            assert config.targets is not None
+        elif config.targets is not None:
             targets = tuple(
                 Target(t.target.rpartition(":")[0].strip("[]"), int(t.target.rpartition(":")[2]),
                        t.weight)
                 for t in config.targets
             )
-            base = config.path
-        rr: list[Target] = []
-        # Interleave by weight (a coarse weighted round robin; smooth WRR and the
-        # other balancers come with the upstreams issue).
-        weights = [max(t.weight // 10, 0) for t in targets]
-        for turn in range(max(weights, default=0)):
-            rr.extend(t for t, w in zip(targets, weights, strict=True) if w > turn)
         return cls(
             name=config.name,
             config=config,
@@ -96,22 +111,17 @@ class Service:
             connect_timeout=config.connect_timeout,
             write_timeout=config.write_timeout,
             read_timeout=config.read_timeout,
-            _rr=rr or list(targets),
+            total_timeout=config.total_timeout,
         )
 
     def timeouts(
         self, connect: float | None = None, write: float | None = None,
-        read: float | None = None,
+        read: float | None = None, total: float | None = None,
     ) -> Timeouts:
         """This service's timeouts, with any of them overridden (by a route)."""
         return Timeouts(
             self.connect_timeout if connect is None else connect,
             self.write_timeout if write is None else write,
             self.read_timeout if read is None else read,
+            self.total_timeout if total is None else total,
         )
-
-    def pick(self) -> Target:
-        rr = self._rr
-        target = rr[self._next % len(rr)]
-        self._next += 1
-        return target
