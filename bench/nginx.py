@@ -75,6 +75,9 @@ def upstream_conf(prefix: Path, port: int, body: str | None = None) -> str:
         + f"""
     server {{
         listen 127.0.0.1:{port} backlog=4096;
+        # Two more loopback addresses: the balanced scenario's second and third target.
+        listen 127.0.0.2:{port} backlog=4096;
+        listen 127.0.0.3:{port} backlog=4096;
         location / {{
             default_type application/json;
             return 200 '{body}';

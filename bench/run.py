@@ -58,10 +58,13 @@ CONFIGS = BENCH_DIR / "configs"
 RESULTS = BENCH_DIR / "results"
 
 SCENARIOS = (
-    "nginx", "noplugins", "plugins", "keyauth", "usage", "ratelimit", "ratelimitredis",
-    "usagerows", "soak", "router",
+    "nginx", "noplugins", "balanced", "plugins", "keyauth", "usage", "ratelimit",
+    "ratelimitredis", "usagerows", "soak", "router",
 )  # fmt: skip
-THROUGHPUT = ("nginx", "noplugins", "plugins", "keyauth", "usage", "ratelimit", "ratelimitredis")
+THROUGHPUT = (
+    "nginx", "noplugins", "balanced", "plugins", "keyauth", "usage", "ratelimit",
+    "ratelimitredis",
+)  # fmt: skip
 # Scenarios with a key provisioned in the gateway's database (the header wrk sends).
 KEYED = ("keyauth", "usage", "ratelimit", "ratelimitredis")
 
@@ -82,6 +85,8 @@ RATIO_USAGE_TO_KEYAUTH = 0.95
 # Redis store makes one round trip (one EVALSHA) per request, whatever the windows.
 RATIO_RATELIMIT_TO_NOPLUGINS = 0.85
 RATIO_RATELIMIT_REDIS_TO_NOPLUGINS = 0.6
+# Issue 6: three targets in round robin cost under 5 % against one target.
+RATIO_BALANCED_TO_NOPLUGINS = 0.95
 EVALS_PER_REQUEST = (0.99, 1.01)
 EXACT_REDIS_REQUESTS = 20_000
 # The shared Redis of the dev machine (never flushed: the run uses its own namespace).
@@ -769,6 +774,9 @@ def checks_for(
 
     relative_check("keyauth", "noplugins", "tollway, key-auth (warm)", RATIO_KEYAUTH_TO_NOPLUGINS)
     relative_check(
+        "balanced", "noplugins", "tollway, 3 targets round robin", RATIO_BALANCED_TO_NOPLUGINS
+    )
+    relative_check(
         "usage", "keyauth", "tollway, key-auth + usage to PostgreSQL", RATIO_USAGE_TO_KEYAUTH
     )
     relative_check(
@@ -1046,6 +1054,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             for key, label, conf, headers in (
                 ("noplugins", "tollway, no plugins", "noplugins.yaml", ()),
+                ("balanced", "tollway, no plugins, 3 targets round robin", "balanced.yaml", ()),
                 (
                     "plugins",
                     "tollway, request-id+cors+access-log",

@@ -120,7 +120,6 @@ async def test_chaos_two_targets_fail_and_recover_without_a_failed_request(
             cluster = gw.plane.clusters.clusters["chaos"]
             done = 0
             failures: list[tuple[float, int]] = []
-            phase_events = {name: asyncio.Event() for name in ("fault", "blackhole", "recover")}
             stop_monitor = asyncio.Event()
             # When each of B and C left and rejoined the available set.
             left: dict[str, float] = {}

@@ -234,8 +234,9 @@ async def list_upstreams(request: Request) -> dict[str, Any]:
     retry budget, and each target with where it came from (config, dns,
     registration), whether it takes traffic now, its health (active checks and
     outlier ejections) and its circuit. With `--workers N` this is the admin
-    process's view: active checks and circuits shared through Redis; each worker
-    keeps its own passive health."""
+    process's view: its own active checks, and the circuits other processes opened
+    when Redis shares them; each worker keeps its own passive health (every process
+    runs its own active checks)."""
     return {"data": _states(request)}
 
 

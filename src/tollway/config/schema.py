@@ -146,6 +146,8 @@ class ServiceConfig(Model):
             raise ValueError("targets must not be empty")
         if self.balancer == "consistent_hash" and self.hash_on is None:
             raise ValueError("balancer consistent_hash needs hash_on")
+        if self.balancer != "consistent_hash" and self.hash_on is not None:
+            raise ValueError("hash_on is only used by balancer consistent_hash")
         return self
 
 

@@ -118,7 +118,13 @@ class Gateway:
             self.metrics.set_limit_stats_source(self.runtime.limits.stats)
         if self.runtime.bans is not None:
             self.metrics.add_exporter(AbuseMetrics(self.runtime.bans.counters).flush)
-        self.snapshot = load_snapshot(self.settings, runtime=self.runtime)
+        try:
+            self.snapshot = load_snapshot(self.settings, runtime=self.runtime)
+        except BaseException:
+            # A refused config: nothing else started yet, but the runtime's
+            # connections must not outlive this failed start.
+            await self.runtime.close(0)
+            raise
         self.health.set_config_loaded(True)
         loop = asyncio.get_running_loop()
         if self.serve_proxy:

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from tollway.upstream.cluster import Cluster, Refusal
 
 # Request bodies up to this size are kept for a replay on another target; a longer
-# one streams through unkept and its request is not retried once bytes went out.
+# one streams through unkept, and its request is retried only when no attempt got
+# as far as sending (a refused connect: the body is still all in the buffer).
 REPLAY_LIMIT = 64 * 1024
 
 
@@ -98,7 +99,7 @@ def may_retry(
             attempts = override.attempts
         if override.non_idempotent is not None:
             non_idempotent = override.non_idempotent
-    if attempt >= attempts or not replayable:
+    if attempt >= attempts or (sent and not replayable):
         return False
     if reason == "timeout" and not policy.on_timeout:
         return False

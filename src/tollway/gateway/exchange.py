@@ -100,6 +100,7 @@ class Exchange:
         "reused",
         "service",
         "service_failed",
+        "settled",
         "snapshot",
         "timeouts",
         "tried",
@@ -163,6 +164,8 @@ class Exchange:
         self.retry_timer: asyncio.TimerHandle | None = None
         # The final outcome for the service breaker (None: nothing the upstream did).
         self.service_failed: bool | None = None
+        # True once the service breaker has this request's outcome.
+        self.settled = False
         # The request body received so far, kept for a retry while it is short.
         self.replay: list[bytes] | None = []
         self.replay_size = 0
@@ -272,7 +275,10 @@ class Exchange:
         key = hash_key(self.ctx, cluster.config.hash_on) if cluster.config.hash_on else None
         picked = cluster.pick(now, key, self.tried)
         if isinstance(picked, Refusal):
-            self.service_failed = True
+            # With no target asked, the service's breaker is not told (else a cluster
+            # with no target yet would turn no_healthy_upstream into circuit_open and
+            # keep a new target out for open_time); after failed attempts, it is.
+            self.service_failed = True if self.attempt else None
             self.respond(refusal_response(picked, self.ctx, service.name))
             return
         self.host = picked
@@ -416,7 +422,19 @@ class Exchange:
     def _status_retried(self, status: int) -> bool:
         """The response head's status is known: record it; retry when it says so."""
         cluster = self.cluster
-        if cluster is None or self.host is None:
+        host = self.host
+        if cluster is None or host is None:
+            return False
+        if status < cluster.plain_below and not self.outcome_done:
+            # The common case: a success for the target and for the service at once.
+            self.outcome_done = True
+            self.service_failed = False
+            self.settled = True
+            cluster.succeeded(
+                host, self.conn.plane.loop.time(), time.perf_counter() - self.ctx.upstream_start
+            )
+            if self.deadline and self.conn.deadline_kind == "upstream":
+                self.conn.set_deadline("upstream", self.timeouts.read)
             return False
         self._outcome(status)
         self.service_failed = status in cluster.config.circuit_breaker.failure_statuses
@@ -474,10 +492,11 @@ class Exchange:
         if self.ctx.upstream_addr is not None:
             self.tried = [*(self.tried or ()), self.ctx.upstream_addr]
         # Everything received so far goes again, in order; what is still to come
-        # follows it as it arrives.
-        assert self.replay is not None
-        self.body_buf = list(self.replay)
-        self.body_buf_size = self.replay_size
+        # follows it as it arrives. (Without a kept copy nothing was sent yet: the
+        # buffer still holds it all.)
+        if self.replay is not None:
+            self.body_buf = list(self.replay)
+            self.body_buf_size = self.replay_size
         self.upstream_sent_all = False
         self.retry_timer = loop.call_later(delay, self._retry_now)
 
@@ -894,7 +913,8 @@ class Exchange:
         cluster = self.cluster
         if cluster is not None:
             self._release_host()
-            cluster.request_done(self.conn.plane.loop.time(), self.service_failed)
+            if not self.settled:
+                cluster.request_done(self.conn.plane.loop.time(), self.service_failed)
         if notify_client:
             self.conn.exchange_done(self)
         else:

@@ -81,8 +81,14 @@ class RollingCounts:
         if self._n == 0:
             return
         index = math.floor(now / self._width)
-        self._expire(index)
         buckets = self._buckets
+        if buckets and buckets[-1][0] == index:
+            # The hot case (many events a second): the newest bucket is this one,
+            # so whatever could expire did when it was opened.
+            buckets[-1][field + 1] += count
+            self.totals[field] += count
+            return
+        self._expire(index)
         # A `now` older than the newest bucket (a caller's stale timestamp) is
         # counted in the newest bucket rather than rewriting history.
         if not buckets or buckets[-1][0] < index:
@@ -145,6 +151,8 @@ class CircuitBreaker:
     def allow(self, now: float) -> bool:
         """May a request go now? In half_open each True is one outstanding probe,
         freed by its record() or abandon()."""
+        if self._state is BreakerState.CLOSED and self.config.enabled:
+            return True  # once per request: the common case first
         state = self.state(now)
         if state is BreakerState.CLOSED:
             return True
@@ -164,6 +172,15 @@ class CircuitBreaker:
     def record(self, success: bool, now: float) -> None:
         """The outcome of a request allow() let through."""
         if not self.config.enabled:
+            return
+        if success and self._state is BreakerState.CLOSED:
+            # Once per request: a success while closed resets the run of failures,
+            # and can only trip the rate when the window holds failures at all.
+            self._consecutive = 0
+            window = self._window
+            window.add(now, _TOTAL)
+            if window.totals[_FAILED] and self._rate_exceeded(now):
+                self._open(now, self.config.open_time, remote=False)
             return
         state = self.state(now)
         if state is BreakerState.OPEN:

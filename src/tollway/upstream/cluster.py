@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+from bisect import bisect_left
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,7 @@ from tollway.upstream.circuit import BreakerState, CircuitBreaker
 from tollway.upstream.health import Outcome, OutlierDetector, TargetHealth
 from tollway.upstream.retry import RetryBudget
 from tollway.upstream.service import Target
-from tollway.upstream.stats import UpstreamStats
+from tollway.upstream.stats import LATENCY_BUCKETS, UpstreamStats
 
 log = structlog.get_logger("tollway.upstream")
 
@@ -46,9 +47,12 @@ SOURCES = ("config", "dns", "registration")
 class Host:
     """One target of a cluster: where it is and what this process knows of it."""
 
-    __slots__ = ("active", "breaker", "health", "key", "sources", "target", "weight")
+    __slots__ = (
+        "active", "breaker", "health", "key", "latency", "ok_key", "sources", "target", "weight",
+    )  # fmt: skip
 
-    def __init__(self, target: Target, breaker: CircuitBreaker) -> None:
+    def __init__(self, target: Target, breaker: CircuitBreaker, stats: UpstreamStats,
+                 service: str) -> None:
         self.target = target
         self.key = target.key
         self.weight = target.weight
@@ -57,6 +61,9 @@ class Host:
         self.health = TargetHealth(target.key)
         self.breaker = breaker
         self.sources: set[str] = set()
+        # Made once: the success path bumps these without building a key.
+        self.ok_key = (service, target.key, Outcome.SUCCESS.value)
+        self.latency = stats.latency_slots(service, target.key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,12 +102,16 @@ class Cluster:
             retries.budget_ratio, retries.budget_min_per_second, retries.budget_window
         )
         self.checker: ActiveChecker | None = None
+        # Statuses below this need no decision (not a breaker failure, not retried,
+        # not a 5xx for outlier detection): they take the short path.
+        self.plain_below = _plain_below(config)
 
     # ---- configuration and target sources ------------------------------------------
 
     def reconfigure(self, config: ServiceConfig) -> None:
         """A new snapshot's settings for this service; learned state stays."""
         old, self.config = self.config, config
+        self.plain_below = _plain_below(config)
         if config.circuit_breaker != old.circuit_breaker:
             self.breaker.reconfigure(config.circuit_breaker)
             for host in self.hosts.values():
@@ -125,7 +136,7 @@ class Cluster:
         for key, target in wanted.items():
             host = self.hosts.get(key)
             if host is None or host.target != target:
-                fresh = Host(target, self._target_breaker(key))
+                fresh = Host(target, self._target_breaker(key), self.stats, self.name)
                 if host is not None:  # same address, new weight: keep what was learned
                     fresh.health, fresh.breaker, fresh.active = (
                         host.health, host.breaker, host.active
@@ -201,6 +212,23 @@ class Cluster:
         if besides:
             return any(h.key not in besides for h in self.available)
         return bool(self.available)
+
+    def succeeded(self, host: Host, now: float, seconds: float) -> None:
+        """An attempt answered with a status below `plain_below`: the whole request
+        succeeded as far as this target and the service breaker are concerned.
+
+        The hot path (once per ordinary request), so it does in one call what
+        attempt_done plus request_done would.
+        """
+        self.stats.attempts[host.ok_key] += 1
+        slots = host.latency
+        slots[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        slots[-1] += seconds
+        health = host.health
+        if health.consecutive_5xx or health.consecutive_failures:
+            self.outlier.record(health, Outcome.SUCCESS, now, self._population)
+        host.breaker.record(True, now)
+        self.breaker.record(True, now)
 
     def attempt_done(
         self, host: Host, now: float, status: int | None, error: Outcome | None = None
@@ -295,6 +323,8 @@ class Cluster:
 
     def describe(self, now: float) -> dict[str, Any]:
         """What /upstreams and /health/detailed show of this service, JSON-able."""
+        if now >= self.recheck_at:
+            self._rebuild(now)  # no traffic may have brought time-driven changes in
         return {
             "balancer": self.config.balancer,
             "circuit": self.breaker.describe(now),
@@ -312,3 +342,9 @@ class Cluster:
                 for h in self.hosts.values()
             ],
         }
+
+
+def _plain_below(config: ServiceConfig) -> int:
+    return min(
+        500, *config.circuit_breaker.failure_statuses, *config.retries.on_statuses
+    )

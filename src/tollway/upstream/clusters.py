@@ -74,14 +74,16 @@ class ClusterManager:
                 cluster = self.clusters[name] = Cluster(
                     config, self.stats, self._publish_open, self._rng
                 )
-                if name in self._registered:
-                    cluster.set_targets("registration", self._registered[name])
             elif cluster.config is not config:
                 cluster.reconfigure(config)
             cluster.set_targets("config", service.targets)
+            # A reload may turn registration on (the live ones join) or off (they go).
+            cluster.set_targets(
+                "registration", self._registered.get(name, ()) if config.registration else ()
+            )
             service.cluster = cluster
             self._sync_checker(cluster)
-            self._sync_dns(cluster)
+            self._sync_dns(cluster, service.from_env)
 
     def _sync_checker(self, cluster: Cluster) -> None:
         check = cluster.config.healthchecks.active
@@ -101,8 +103,9 @@ class ClusterManager:
         else:
             checker.reconfigure(check)
 
-    def _sync_dns(self, cluster: Cluster) -> None:
-        dns = cluster.config.dns
+    def _sync_dns(self, cluster: Cluster, from_env: bool) -> None:
+        # An environment override replaces the file's targets, DNS included.
+        dns = None if from_env else cluster.config.dns
         watcher = self._dns.get(cluster.name)
         if watcher is not None and (dns is None or watcher.config != dns):
             self._dns.pop(cluster.name)

@@ -68,6 +68,8 @@ class Service:
     write_timeout: float
     read_timeout: float
     total_timeout: float | None = None
+    # True when TOLLWAY_SERVICE_<NAME>_URL gave the targets (DNS is then not used).
+    from_env: bool = False
     cluster: Cluster | None = None
 
     @classmethod
@@ -77,13 +79,17 @@ class Service:
         internal_sockets: dict[str, str] | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> Service:
-        from tollway.upstream.discovery import env_targets
+        from tollway.upstream.discovery import env_targets, env_var_name
 
         targets: tuple[Target, ...] = ()
         base = config.path
-        from_env = env_targets(config.name, os.environ if environ is None else environ)
+        env = os.environ if environ is None else environ
+        from_env = env_targets(config.name, env)
         if from_env is not None:
-            targets, base = from_env
+            targets, env_base = from_env
+            # Bare host:port entries carry no path: the file's `path` stays.
+            if "://" in env.get(env_var_name(config.name), ""):
+                base = env_base
         elif config.url is not None and config.url.startswith("internal:"):
             name = config.url.removeprefix("internal:")
             path = (internal_sockets or {}).get(name)
@@ -112,6 +118,7 @@ class Service:
             write_timeout=config.write_timeout,
             read_timeout=config.read_timeout,
             total_timeout=config.total_timeout,
+            from_env=from_env is not None,
         )
 
     def timeouts(

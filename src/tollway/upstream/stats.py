@@ -7,6 +7,7 @@ moves what changed into Prometheus about once a second (the limiter's habit: a
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
@@ -47,16 +48,16 @@ class UpstreamStats:
     def attempt(self, service: str, target: str, outcome: Outcome) -> None:
         self.attempts[service, target, outcome.value] += 1
 
-    def observe(self, service: str, target: str, seconds: float) -> None:
+    def latency_slots(self, service: str, target: str) -> list[float]:
+        """The histogram of one target, made on first use (a Host keeps a reference)."""
         slots = self.latency.get((service, target))
         if slots is None:
             slots = self.latency[service, target] = [0.0] * (len(LATENCY_BUCKETS) + 2)
-        i = 0
-        for bound in LATENCY_BUCKETS:
-            if seconds <= bound:
-                break
-            i += 1
-        slots[i] += 1
+        return slots
+
+    def observe(self, service: str, target: str, seconds: float) -> None:
+        slots = self.latency_slots(service, target)
+        slots[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         slots[-1] += seconds
 
     def ejection(self, service: str, target: str) -> None:
