@@ -154,6 +154,7 @@ class DataPlane:
                 log.exception("deadline handling failed")
                 conn.abort()
         self._ticks += 1
+        self.clusters.tick(now)
         if self._ticks % POOL_SWEEP_EVERY == 0:
             self.pools.sweep(now)
             if self._retired:

@@ -255,12 +255,13 @@ class Exchange:
         cluster = service.cluster
         assert cluster is not None  # bound when the snapshot reached the data plane
         now = self.conn.plane.loop.time()
-        refusal = cluster.admit(now)
-        if refusal is not None:
-            self.respond(refusal_response(refusal, ctx, service.name))
-            return
+        if not cluster.breaker.closed_fast:
+            refusal = cluster.admit(now)
+            if refusal is not None:
+                self.respond(refusal_response(refusal, ctx, service.name))
+                return
         self.cluster = cluster
-        cluster.budget.record_request(now)
+        cluster.budget.pending += 1  # folded into its window by the sweeper's tick
         if self.timeouts.total is not None:
             self.deadline = now + self.timeouts.total
         if self.expect_continue and not self.request_done and self.body_received == 0:
@@ -272,8 +273,8 @@ class Exchange:
         cluster = self.cluster
         service = self.service
         assert cluster is not None and service is not None
-        key = hash_key(self.ctx, cluster.config.hash_on) if cluster.config.hash_on else None
-        picked = cluster.pick(now, key, self.tried)
+        hash_on = cluster.config.hash_on
+        picked = cluster.pick(now, hash_key(self.ctx, hash_on) if hash_on else None, self.tried)
         if isinstance(picked, Refusal):
             # With no target asked, the service's breaker is not told (else a cluster
             # with no target yet would turn no_healthy_upstream into circuit_open and
@@ -430,9 +431,8 @@ class Exchange:
             self.outcome_done = True
             self.service_failed = False
             self.settled = True
-            cluster.succeeded(
-                host, self.conn.plane.loop.time(), time.perf_counter() - self.ctx.upstream_start
-            )
+            ctx = self.ctx
+            cluster.succeeded(host, ctx.upstream_headers_at - ctx.upstream_start)
             if self.deadline and self.conn.deadline_kind == "upstream":
                 self.conn.set_deadline("upstream", self.timeouts.read)
             return False
@@ -912,7 +912,8 @@ class Exchange:
             self.retry_timer = None
         cluster = self.cluster
         if cluster is not None:
-            self._release_host()
+            if self.host is not None:
+                self._release_host()
             if not self.settled:
                 cluster.request_done(self.conn.plane.loop.time(), self.service_failed)
         if notify_client:

@@ -124,8 +124,15 @@ class CircuitBreaker:
         self.config = config
         self.on_transition = on_transition
         self._state = BreakerState.CLOSED
+        # True while closed and enabled: a caller's success path may then just count
+        # into `pending_ok` and reset `consecutive` (upstream/cluster.py does).
+        self.closed_fast = config.enabled
+        # Successes not yet in the window: folded in by fold(), which the owner calls
+        # a few times a second and every reading of the window calls first. Adding
+        # each success to the window costs the hot path more than a plain count.
+        self.pending_ok = 0
         self._open_until = 0.0
-        self._consecutive = 0
+        self.consecutive = 0
         self._window = RollingCounts(config.window, fields=2)
         # Admission times of the probes not yet answered (half-open only).
         self._probes: deque[float] = deque()
@@ -169,14 +176,22 @@ class CircuitBreaker:
         self._probes.append(now)
         return True
 
+    def fold(self, now: float) -> None:
+        """Move the pending successes into the window, as of `now`."""
+        if self.pending_ok:
+            count, self.pending_ok = self.pending_ok, 0
+            if self._state is BreakerState.CLOSED:
+                self._window.add(now, _TOTAL, count)
+
     def record(self, success: bool, now: float) -> None:
         """The outcome of a request allow() let through."""
         if not self.config.enabled:
             return
+        self.fold(now)
         if success and self._state is BreakerState.CLOSED:
             # Once per request: a success while closed resets the run of failures,
             # and can only trip the rate when the window holds failures at all.
-            self._consecutive = 0
+            self.consecutive = 0
             window = self._window
             window.add(now, _TOTAL)
             if window.totals[_FAILED] and self._rate_exceeded(now):
@@ -200,13 +215,13 @@ class CircuitBreaker:
             return
         self._window.add(now, _TOTAL)
         if success:
-            self._consecutive = 0
+            self.consecutive = 0
         else:
             self._window.add(now, _FAILED)
-            self._consecutive += 1
+            self.consecutive += 1
         # The rate is judged on successes too: the one that brings the window to
         # min_requests may find it already failing.
-        if self._consecutive >= self.config.failure_threshold or self._rate_exceeded(now):
+        if self.consecutive >= self.config.failure_threshold or self._rate_exceeded(now):
             self._open(now, self.config.open_time, remote=False)
 
     def abandon(self, now: float) -> None:
@@ -252,15 +267,17 @@ class CircuitBreaker:
         if config.window != self.config.window:
             self._window = RollingCounts(config.window, fields=2)
         self.config = config
+        self.closed_fast = self._state is BreakerState.CLOSED and config.enabled
 
     def describe(self, now: float) -> dict[str, Any]:
+        self.fold(now)
         state = self.state(now)
         total, failed = self._window.counts(now)
         return {
             "name": self.name,
             "enabled": self.config.enabled,
             "state": str(state),
-            "consecutive_failures": self._consecutive,
+            "consecutive_failures": self.consecutive,
             "window_requests": total,
             "window_failures": failed,
             "retry_after_seconds": round(self.retry_after(now), 3),
@@ -278,7 +295,8 @@ class CircuitBreaker:
         return total >= self.config.min_requests and failed / total >= rate
 
     def _reset_counts(self) -> None:
-        self._consecutive = 0
+        self.consecutive = 0
+        self.pending_ok = 0
         self._window.clear()
         self._probes.clear()
         self._probe_successes = 0
@@ -291,6 +309,7 @@ class CircuitBreaker:
 
     def _move(self, new: BreakerState, now: float, *, remote: bool = False) -> None:
         old, self._state = self._state, new
+        self.closed_fast = new is BreakerState.CLOSED and self.config.enabled
         self.last_transition_remote = remote
         # Called last, with the breaker consistent: a hook may read describe().
         if self.on_transition is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
@@ -84,6 +85,9 @@ class Cluster:
     ) -> None:
         self.name = config.name
         self.config = config
+        # The time the paths that have no `now` at hand read; loop.time() is this
+        # clock too (CLOCK_MONOTONIC), so both compare.
+        self.clock = time.monotonic
         self.stats = stats
         # Publishes an own circuit opening to the other nodes (CircuitShare), if any.
         self._share = share
@@ -191,6 +195,8 @@ class Cluster:
             self._rebuild(now)
         balancer = self.balancer
         host = balancer.pick(hash_key, exclude)
+        if host is not None and host.breaker.closed_fast:
+            return host  # the common case
         if host is None and exclude:
             # Every other target was tried: another go at one of them beats failing.
             host = balancer.pick(hash_key)
@@ -213,7 +219,7 @@ class Cluster:
             return any(h.key not in besides for h in self.available)
         return bool(self.available)
 
-    def succeeded(self, host: Host, now: float, seconds: float) -> None:
+    def succeeded(self, host: Host, seconds: float) -> None:
         """An attempt answered with a status below `plain_below`: the whole request
         succeeded as far as this target and the service breaker are concerned.
 
@@ -226,9 +232,28 @@ class Cluster:
         slots[-1] += seconds
         health = host.health
         if health.consecutive_5xx or health.consecutive_failures:
-            self.outlier.record(health, Outcome.SUCCESS, now, self._population)
-        host.breaker.record(True, now)
-        self.breaker.record(True, now)
+            self.outlier.record(health, Outcome.SUCCESS, self.clock(), self._population)
+        # A closed breaker takes a success as a count, folded into its window by
+        # tick(): record() per request cost more than the rest of this method.
+        breaker = host.breaker
+        if breaker.closed_fast:
+            breaker.pending_ok += 1
+            breaker.consecutive = 0
+        else:
+            breaker.record(True, self.clock())
+        breaker = self.breaker
+        if breaker.closed_fast:
+            breaker.pending_ok += 1
+            breaker.consecutive = 0
+        else:
+            breaker.record(True, self.clock())
+
+    def tick(self, now: float) -> None:
+        """A few times a second: counts taken on the hot path join their windows."""
+        self.budget.fold(now)
+        self.breaker.fold(now)
+        for host in self.hosts.values():
+            host.breaker.fold(now)
 
     def attempt_done(
         self, host: Host, now: float, status: int | None, error: Outcome | None = None

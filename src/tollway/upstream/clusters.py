@@ -138,6 +138,10 @@ class ClusterManager:
         if cluster is not None:
             cluster.force_open(name, seconds, asyncio.get_running_loop().time())
 
+    def tick(self, now: float) -> None:
+        for cluster in self.clusters.values():
+            cluster.tick(now)
+
     def describe(self, now: float) -> dict[str, Any]:
         return {name: c.describe(now) for name, c in sorted(self.clusters.items())}
 

@@ -62,18 +62,31 @@ class RetryBudget:
         self.min_per_second = min_per_second
         self._counts = RollingCounts(window, fields=2)
         self.exhausted = 0
+        # First attempts counted but not yet in the window (see record_request).
+        self.pending = 0
 
     @property
     def window(self) -> float:
         return self._counts.window
 
+    def fold(self, now: float) -> None:
+        """Move the requests counted in `pending` into the window, as of `now`."""
+        if self.pending:
+            count, self.pending = self.pending, 0
+            self._counts.add(now, _REQUESTS, count)
+
     def record_request(self, now: float) -> None:
-        """A first attempt (retries are counted by try_spend, not here)."""
+        """A first attempt (retries are counted by try_spend, not here).
+
+        The data plane's hot path does `budget.pending += 1` instead, and its
+        sweeper calls fold() a few times a second: the same count, without a
+        window update per request."""
         self._counts.add(now, _REQUESTS)
 
     def try_spend(self, now: float) -> bool:
         """True, counting one retry, when the budget affords one more; else False,
         counting one exhaustion."""
+        self.fold(now)
         requests, retries = self._counts.counts(now)
         if retries + 1 <= self._allowed(requests) + _EPSILON:
             self._counts.add(now, _RETRIES)
@@ -91,6 +104,7 @@ class RetryBudget:
             self._counts = RollingCounts(window, fields=2)
 
     def describe(self, now: float) -> dict[str, Any]:
+        self.fold(now)
         requests, retries = self._counts.counts(now)
         return {
             "requests": requests,
