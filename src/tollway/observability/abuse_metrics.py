@@ -19,7 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from prometheus_client import REGISTRY, Counter, values
+from prometheus_client import Counter
+
+from tollway.observability.families import PerValueClass
 
 
 class _Families:
@@ -39,22 +41,8 @@ class _Families:
         )
         self.all = (self.bans, self.blocked, self.store_errors, self.dropped)
 
-    def unregister(self) -> None:
-        for metric in self.all:
-            REGISTRY.unregister(metric)
 
-
-_families: tuple[object, _Families] | None = None
-
-
-def _get_families() -> _Families:
-    global _families
-    value_class = values.ValueClass
-    if _families is None or _families[0] is not value_class:
-        if _families is not None:
-            _families[1].unregister()
-        _families = (value_class, _Families())
-    return _families[1]
+_families = PerValueClass(_Families)
 
 
 class AbuseMetrics:
@@ -72,7 +60,7 @@ class AbuseMetrics:
             self._seen[name] = count
             if delta <= 0:
                 continue
-            fam = fam or _get_families()
+            fam = fam or _families.get()
             what, _, kind = name.partition(":")
             if what == "bans":
                 fam.bans.labels(kind).inc(delta)

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from prometheus_client import REGISTRY, Counter, Histogram, values
+from prometheus_client import Counter, Histogram
 
+from tollway.observability.families import PerValueClass
 from tollway.observability.metrics import add_observations
 from tollway.upstream.stats import LATENCY_BUCKETS, UpstreamStats
 
@@ -64,22 +65,8 @@ class _Families:
             self.retries, self.exhausted,
         )
 
-    def unregister(self) -> None:
-        for metric in self.all:
-            REGISTRY.unregister(metric)
 
-
-_families: tuple[object, _Families] | None = None
-
-
-def _get_families() -> _Families:
-    global _families
-    value_class = values.ValueClass
-    if _families is None or _families[0] is not value_class:
-        if _families is not None:
-            _families[1].unregister()
-        _families = (value_class, _Families())
-    return _families[1]
+_families = PerValueClass(_Families)
 
 
 K = TypeVar("K")
@@ -105,7 +92,7 @@ class UpstreamMetrics:
 
     def flush(self) -> None:
         stats = self._stats
-        fam = _get_families()
+        fam = _families.get()
         seen = self._seen
         for key, n in _deltas(stats.attempts, seen.setdefault("attempts", {})):
             fam.attempts.labels(*key).inc(n)

@@ -289,7 +289,7 @@ class RandomBalancer(Balancer[H]):
         return None if rest is None else rest.up[_draw(rest.cum, self._random())]
 
 
-class PowerOfTwo(Balancer[H]):
+class PowerOfTwo(RandomBalancer[H]):
     """Two distinct weighted-random candidates; the less loaded one wins.
 
     Load is active / weight, not (active + 1) / weight: the candidates were already
@@ -299,14 +299,7 @@ class PowerOfTwo(Balancer[H]):
     first candidate wins, so idle traffic follows the weights exactly.
     """
 
-    __slots__ = ("_all", "_random")
-
-    def __init__(self, hosts: Sequence[H], rng: random.Random | None = None) -> None:
-        super().__init__(hosts)
-        if not self._up:
-            raise ValueError("no host of weight above 0: use make_balancer")
-        self._all: _Weighted[H] = _Weighted(self._up)
-        self._random: Callable[[], float] = (rng or random.Random()).random
+    __slots__ = ()  # the weighted draw is RandomBalancer's
 
     def pick(
         self, hash_key: bytes | None = None, exclude: Container[str] | None = None
