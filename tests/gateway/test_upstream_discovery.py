@@ -30,6 +30,9 @@ from tollway.config.errors import ConfigError
 from tollway.gateway.app import Gateway
 from tollway.upstream.circuit import BreakerState
 
+# Sub-second bounds: a full collection of a late-run heap must not stall them.
+pytestmark = pytest.mark.usefixtures("frozen_heap")
+
 TOKEN = "discovery-admin-token-3b9e41"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 # The registration watcher polls each second: a change reaches traffic within ~2 s.

@@ -18,10 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from support.gateway import running_gateway
 from support.upstream import Received, RecordingUpstream, Reply
 from tollway.gateway.app import Gateway
+
+# Sub-second bounds: a full collection of a late-run heap must not stall them.
+pytestmark = pytest.mark.usefixtures("frozen_heap")
 
 TOKEN = "upstream-health-breakers-token-5c1e"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -205,13 +209,13 @@ async def test_unhealthy_targets_refuse_at_once_and_recover_within_an_interval(
             elapsed = time.monotonic() - start
             body = assert_envelope(r, 503, "no_healthy_upstream")
             assert body["error"]["details"] == {"service": "checked"}
-            assert elapsed < 0.2, elapsed  # refused, not after read_timeout (2 s)
+            assert elapsed < 1.0, elapsed  # refused, not after read_timeout (2 s)
         assert a.count == b.count == 0  # no request reached a target
 
         a.health_status = b.health_status = 200
         took, refused = await first_success(gw, within=2.0)
         # One interval (0.1 s) plus the probe's own time and scheduling slack.
-        assert took < 0.5, took
+        assert took < 0.8, took
         assert set(refused) <= {"no_healthy_upstream"}
         assert a.count + b.count == 1
         for _ in range(4):
@@ -236,7 +240,7 @@ async def test_refusals_while_unhealthy_do_not_delay_the_recovery(tmp_path: Path
 
         a.health_status = b.health_status = 200
         took, refused = await first_success(gw, within=1.0)
-        assert took < 0.5, took
+        assert took < 0.8, took
         assert set(refused) <= {"no_healthy_upstream"}, refused
 
 

@@ -22,10 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from support.client import exchange_raw, parse_responses
 from support.gateway import free_ports, running_gateway
 from support.upstream import Received, RecordingUpstream, Reply, echo
+
+# Sub-second bounds: a full collection of a late-run heap must not stall them.
+pytestmark = pytest.mark.usefixtures("frozen_heap")
 
 # What a target does with the n-th request (counted from 1 across every target).
 Behaviour = Callable[[int, Received, Reply], Awaitable[None]]

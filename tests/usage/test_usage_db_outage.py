@@ -7,9 +7,8 @@ database answers again the whole backlog lands: no loss, no duplicate.
 from __future__ import annotations
 
 import asyncio
-import gc
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from usage_helpers import count_records, event, request_ids, rollup_sums, until, usage_settings
@@ -19,21 +18,7 @@ from support.relay import FaultRelay
 from tollway.storage.database import Database
 from tollway.usage.recorder import UsageRecorder
 
-pytestmark = pytest.mark.needs_postgres
-
-
-@pytest.fixture(autouse=True)
-def _startup_heap_frozen() -> Iterator[None]:
-    """These tests bound times in fractions of a second. Late in a full run the test
-    process holds everything earlier tests left, and one full collection of it took
-    over a second, failing them; a serving gateway freezes its startup heap the same
-    way (gateway/app.py)."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
+pytestmark = [pytest.mark.needs_postgres, pytest.mark.usefixtures("frozen_heap")]
 
 
 def blackhole(relay: FaultRelay) -> None:
