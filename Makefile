@@ -3,16 +3,43 @@
 UV_VERSION := 0.13.9
 UV := python3 -m uv
 
-.PHONY: venv run test lint typecheck pytest bench clean
+.PHONY: venv compile clean-compiled run test lint typecheck pytest bench clean
+
+# The data plane's hot path, compiled with mypyc (it is mypy --strict clean): about
+# half the CPU per proxied request. The .py files stay the source of truth; an
+# import of tollway refuses a compiled module older than its source.
+COMPILED := \
+	tollway/gateway/http11.py tollway/gateway/framing.py tollway/gateway/forwarded.py \
+	tollway/gateway/context.py tollway/gateway/exchange.py tollway/gateway/server.py \
+	tollway/upstream/connection.py tollway/upstream/pool.py
+# Compiled code is checked against the types of everything it imports: any source
+# change rebuilds.
+SOURCES := $(shell find src/tollway -name '*.py')
 
 venv:
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
 	@$(UV) sync --frozen --quiet
 
-run: venv
+src/.compiled: $(SOURCES) uv.lock
+	@$(MAKE) --no-print-directory venv
+	@echo "compiling the data plane's hot path (mypyc)..."
+	@cd src && ../.venv/bin/mypyc $(COMPILED) > ../.venv/mypyc.log 2>&1 \
+		|| (tail -30 ../.venv/mypyc.log; exit 1)
+	@# setuptools keeps a .so whose generated C did not change: mark them all as
+	@# built from the sources they now match.
+	@find src/tollway -name '*.so' -exec touch {} +
+	@touch $@
+
+compile: src/.compiled
+
+clean-compiled:
+	rm -rf src/build src/.compiled src/*__mypyc*.so
+	find src/tollway -name '*.so' -delete
+
+run: venv compile
 	$(UV) run --frozen tollway quickstart
 
-test: venv lint typecheck pytest
+test: venv compile lint typecheck pytest
 
 lint:
 	$(UV) run --frozen ruff check src tests bench
@@ -23,8 +50,8 @@ typecheck:
 pytest:
 	$(UV) run --frozen pytest -q
 
-bench: venv
+bench: venv compile
 	$(UV) run --frozen python bench/run.py
 
-clean:
+clean: clean-compiled
 	rm -rf .venv .mypy_cache .ruff_cache data
