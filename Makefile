@@ -8,10 +8,17 @@ UV := python3 -m uv
 # The data plane's hot path, compiled with mypyc (it is mypy --strict clean): about
 # half the CPU per proxied request. The .py files stay the source of truth; an
 # import of tollway refuses a compiled module older than its source.
+# Not router.py / routing_trie.py (the compiled module crashes on import with mypyc
+# 1.x) nor limits/multi.py (its Windows subclasses tuple, which mypyc cannot compile).
 COMPILED := \
 	tollway/gateway/http11.py tollway/gateway/framing.py tollway/gateway/forwarded.py \
 	tollway/gateway/context.py tollway/gateway/exchange.py tollway/gateway/server.py \
-	tollway/upstream/connection.py tollway/upstream/pool.py
+	tollway/gateway/pipeline.py tollway/gateway/attempts.py \
+	tollway/upstream/connection.py tollway/upstream/pool.py tollway/upstream/cluster.py \
+	tollway/upstream/balancers.py tollway/upstream/circuit.py tollway/upstream/health.py \
+	tollway/upstream/stats.py \
+	tollway/limits/gcra.py tollway/limits/memory.py tollway/limits/windows.py \
+	tollway/limits/decision.py tollway/limits/concurrency.py tollway/limits/stats.py
 # Compiled code is checked against the types of everything it imports: any source
 # change rebuilds.
 SOURCES := $(shell find src/tollway -name '*.py')
