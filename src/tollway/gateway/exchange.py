@@ -49,7 +49,7 @@ from tollway.gateway.pipeline import Chain, FilterChain, active_chain
 from tollway.upstream.cluster import Refusal
 from tollway.upstream.errors import UpstreamError, UpstreamReadTimeout, UpstreamWriteTimeout
 from tollway.upstream.health import Outcome
-from tollway.upstream.retry import IDEMPOTENT_METHODS, backoff_delay
+from tollway.upstream.retry import backoff_delay, may_retry_method
 from tollway.upstream.service import Timeouts
 
 if TYPE_CHECKING:
@@ -671,10 +671,8 @@ class Exchange:
             return False
         ctx = self.ctx
         has_body = ctx.chunked or bool(ctx.content_length)
-        idempotent = ctx.method in IDEMPOTENT_METHODS or header_get(
-            ctx.headers, b"idempotency-key"
-        )
-        return not has_body and bool(idempotent)
+        has_key = header_get(ctx.headers, b"idempotency-key") is not None
+        return not has_body and may_retry_method(ctx.method, has_key, non_idempotent=False)
 
     # ---- writing to the client -----------------------------------------------------
 
