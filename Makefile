@@ -18,7 +18,8 @@ COMPILED := \
 	tollway/upstream/balancers.py tollway/upstream/circuit.py tollway/upstream/health.py \
 	tollway/upstream/stats.py \
 	tollway/limits/gcra.py tollway/limits/memory.py tollway/limits/windows.py \
-	tollway/limits/decision.py tollway/limits/concurrency.py tollway/limits/stats.py
+	tollway/limits/decision.py tollway/limits/concurrency.py tollway/limits/stats.py \
+	tollway/plugins/rate_limit_engine.py
 # Compiled code is checked against the types of everything it imports: any source
 # change rebuilds.
 SOURCES := $(shell find src/tollway -name '*.py')

@@ -16,7 +16,11 @@ TIME_EPSILON = 1e-6
 COUNT_EPSILON = 1e-6
 
 
-@dataclass(frozen=True, slots=True)
+# init=False with a written __init__: mypyc compiles that natively, where a
+# dataclass-made __init__ (and a frozen one's object.__setattr__ per field) runs as
+# interpreted Python, on every window of every limited request. Not frozen for the
+# same reason; nothing mutates a Decision once made.
+@dataclass(slots=True, init=False)
 class Decision:
     """Outcome of one check of one limit.
 
@@ -35,6 +39,15 @@ class Decision:
     remaining: int
     reset_after: float
     retry_after: float
+
+    def __init__(
+        self, allowed: bool, limit: int, remaining: int, reset_after: float, retry_after: float
+    ) -> None:
+        self.allowed = allowed
+        self.limit = limit
+        self.remaining = remaining
+        self.reset_after = reset_after
+        self.retry_after = retry_after
 
     @property
     def never(self) -> bool:

@@ -13,26 +13,42 @@ dropped when its last lease is released.
 
 Key parts are kept as a tuple, so ("a:b",) and ("a", "b") never share a counter.
 The same window under the same key parts does share it: put the route in the
-key parts when limits must be per route. Thread-safe (one lock).
+key parts when limits must be per route. Not thread-safe: a data-plane worker
+checks from its event loop's thread only (a lock cost a tenth of a check).
 """
 
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import cast
 
 from tollway.limits import multi
 from tollway.limits.concurrency import Concurrency, ConcurrencyState, acquire, release
 from tollway.limits.decision import Decision
+from tollway.limits.gcra import Gcra, GcraState, gcra, gcra_expires_at
 from tollway.limits.multi import Limit, MultiDecision, State
+from tollway.limits.windows import (
+    FixedState,
+    FixedWindow,
+    SlidingState,
+    SlidingWindow,
+    fixed_expires_at,
+    fixed_window,
+    sliding_expires_at,
+    sliding_window,
+)
 
 Key = tuple[str, ...]
 
 
-@dataclass(slots=True)
+# The records below spell out __init__ (init=False): mypyc compiles it natively,
+# where a dataclass-made one runs as interpreted Python on every limited request.
+
+
+@dataclass(slots=True, init=False)
 class Charge:
     """What an allowed check consumed, to refund it (count_only_success,
     refund_on_status). refund() gives it back at most once."""
@@ -41,19 +57,49 @@ class Charge:
     limits: tuple[Limit, ...]
     costs: tuple[int, ...]  # one per limit
     charged: tuple[State, ...]
-    refunded: bool = False
+    refunded: bool
+
+    def __init__(
+        self,
+        key: Key,
+        limits: tuple[Limit, ...],
+        costs: tuple[int, ...],
+        charged: tuple[State, ...],
+        refunded: bool = False,
+    ) -> None:
+        self.key = key
+        self.limits = limits
+        self.costs = costs
+        self.charged = charged
+        self.refunded = refunded
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False)
 class LimitResult:
+    """Not frozen (see above); nothing changes a result once made."""
+
     allowed: bool
     decision: Decision  # the most restrictive window, for the headers
     refused_by: Limit | None  # the window that refused (reported one)
     decisions: tuple[Decision, ...]
     charge: Charge | None  # None when refused (nothing consumed)
 
+    def __init__(
+        self,
+        allowed: bool,
+        decision: Decision,
+        refused_by: Limit | None,
+        decisions: tuple[Decision, ...],
+        charge: Charge | None,
+    ) -> None:
+        self.allowed = allowed
+        self.decision = decision
+        self.refused_by = refused_by
+        self.decisions = decisions
+        self.charge = charge
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class Lease:
     """A concurrency slot; release() must run once the request is done
     (it is idempotent: later calls do nothing and return False)."""
@@ -61,7 +107,19 @@ class Lease:
     _limiter: MemoryLimiter
     _slot: tuple[Key, Concurrency]
     cost: int
-    released: bool = field(default=False)
+    released: bool
+
+    def __init__(
+        self,
+        _limiter: MemoryLimiter,
+        _slot: tuple[Key, Concurrency],
+        cost: int,
+        released: bool = False,
+    ) -> None:
+        self._limiter = _limiter
+        self._slot = _slot
+        self.cost = cost
+        self.released = released
 
     def release(self) -> bool:
         if self.released:
@@ -91,7 +149,7 @@ class MemoryLimiter:
         self.evicted = 0
         self._states: dict[tuple[Key, str], tuple[State, float]] = {}
         self._in_flight: dict[tuple[Key, Concurrency], ConcurrencyState] = {}
-        self._lock = threading.Lock()
+        self._plans: dict[int, _WindowsPlan] = {}
         self._last_sweep = clock()
 
     def __len__(self) -> int:
@@ -106,50 +164,75 @@ class MemoryLimiter:
         `cost`: one for every limit, or one per limit.
         """
         key = key_parts if type(key_parts) is tuple else tuple(key_parts)
-        windows = limits if type(limits) is multi.Windows else multi.Windows(limits)
-        count = len(windows)
-        costs = (cost,) * count if type(cost) is int else multi.per_limit_costs(cost, count)
-        slots = windows.slots
-        initials = windows.initials
-        algorithms = windows.algorithms
+        plan = self._plan_of(limits)
+        count = plan.count
+        costs: tuple[int, ...]
+        if isinstance(cost, int):
+            costs = (cost,) * count
+        elif type(cost) is tuple and len(cost) == count:
+            costs = cost
+        else:
+            costs = multi.per_limit_costs(cost, count)
         held_states = self._states
-        with self._lock:
-            now = self._clock()
-            if (
-                now - self._last_sweep >= self._sweep_interval
-                or len(held_states) >= self._max_entries
-            ):
-                self._sweep(now)
-            # multi.check_all, inlined for the common case where every window
-            # allows (this runs on every limited request); a refusal goes through
-            # check_all itself, which also works out what to report.
-            states: list[State] = []
-            decisions: list[Decision] = []
-            new_states: list[State] = []
-            allowed = True
-            for i in range(count):
-                held = held_states.get((key, slots[i]))
-                state = held[0] if held is not None and held[1] > now else initials[i]
-                decision, new = algorithms[i](state, now, costs[i], windows[i])
-                allowed = allowed and decision.allowed
-                states.append(state)
-                decisions.append(decision)
-                new_states.append(new)
-            if not allowed:
-                outcome, _ = multi.check_all(states, now, costs, windows)
-                return self._result(outcome, windows, None)
-            expirers = windows.expirers
-            for i in range(count):
-                state = new_states[i]
-                held_states[(key, slots[i])] = (state, expirers[i](state, windows[i]))
-        reported = multi.reported_index(decisions, True)
+        slots = plan.slots
+        kinds = plan.kinds
+        windows = plan.limits
+        now = self._clock()
+        if now - self._last_sweep >= self._sweep_interval or len(held_states) >= self._max_entries:
+            self._sweep(now)
+        # multi.check_all, inlined for the common case where every window allows
+        # (this runs on every limited request); a refusal goes through check_all
+        # itself, which also works out what to report.
+        states: list[State] = []
+        decisions: list[Decision] = []
+        new_states: list[State] = []
+        allowed = True
+        for i in range(count):
+            held = held_states.get((key, slots[i]))
+            state = held[0] if held is not None and held[1] > now else plan.initials[i]
+            decision, new = _evaluate(kinds[i], windows[i], state, now, costs[i])
+            if not decision.allowed:
+                allowed = False
+            states.append(state)
+            decisions.append(decision)
+            new_states.append(new)
+        if not allowed:
+            outcome, _ = multi.check_all(states, now, costs, plan.windows)
+            return self._result(outcome, plan.windows, None)
+        for i in range(count):
+            state = new_states[i]
+            held_states[(key, slots[i])] = (state, _expires(kinds[i], windows[i], state))
+        reported = 0
+        if count > 1:
+            best = decisions[0]
+            for i in range(1, count):
+                d = decisions[i]
+                if d.remaining < best.remaining or (
+                    d.remaining == best.remaining and d.reset_after > best.reset_after
+                ):
+                    best = d
+                    reported = i
         return LimitResult(
             True,
             decisions[reported],
             None,
             tuple(decisions),
-            Charge(key, windows, costs, tuple(new_states)),
+            Charge(key, plan.windows, costs, tuple(new_states)),
         )
+
+    def _plan_of(self, limits: Sequence[Limit]) -> _WindowsPlan:
+        """The check plan of `limits`, remembered per Windows object (a plugin keeps
+        one per limit set, so nearly every check finds its plan here)."""
+        if type(limits) is not multi.Windows:
+            return _WindowsPlan(multi.Windows(limits))
+        plans = self._plans
+        plan = plans.get(id(limits))
+        if plan is not None and plan.windows is limits:
+            return plan
+        if len(plans) >= _MAX_PLANS:
+            plans.clear()
+        plan = plans[id(limits)] = _WindowsPlan(limits)  # holds `limits`: the id stays its own
+        return plan
 
     def refund(self, charge: Charge, cost: int | None = None) -> None:
         """Give back what an allowed check consumed (with `cost`, at most that much
@@ -157,46 +240,40 @@ class MemoryLimiter:
         if charge.refunded:
             return
         charge.refunded = True
-        with self._lock:
-            now = self._clock()
-            for limit, charged, spent in zip(
-                charge.limits, charge.charged, charge.costs, strict=True
-            ):
-                slot = (charge.key, multi.slot_id(limit))
-                held = self._states.get(slot)
-                if held is None:
-                    continue  # expired: nothing left to give back
-                amount = spent if cost is None else min(cost, spent)
-                state = multi.refund(limit, held[0], now, amount, charged)
-                self._states[slot] = (state, multi.expires_at(limit, state))
+        now = self._clock()
+        for limit, charged, spent in zip(charge.limits, charge.charged, charge.costs, strict=True):
+            slot = (charge.key, multi.slot_id(limit))
+            held = self._states.get(slot)
+            if held is None:
+                continue  # expired: nothing left to give back
+            amount = spent if cost is None else min(cost, spent)
+            state = multi.refund(limit, held[0], now, amount, charged)
+            self._states[slot] = (state, multi.expires_at(limit, state))
 
     def acquire(
         self, key_parts: Sequence[str], limit: Concurrency, cost: int = 1
     ) -> tuple[Decision, Lease | None]:
         """Take a concurrency slot; the Lease (None when refused) must be released."""
         slot = (tuple(key_parts), limit)
-        with self._lock:
-            state = self._in_flight.get(slot, ConcurrencyState())
-            decision, new = acquire(state, cost, limit)
-            if not decision.allowed:
-                return decision, None
-            self._in_flight[slot] = new
+        state = self._in_flight.get(slot, ConcurrencyState())
+        decision, new = acquire(state, cost, limit)
+        if not decision.allowed:
+            return decision, None
+        self._in_flight[slot] = new
         return decision, Lease(self, slot, cost)
 
     def sweep(self) -> int:
         """Drop every expired state now; returns how many were dropped."""
-        with self._lock:
-            return self._sweep(self._clock())
+        return self._sweep(self._clock())
 
     # -- internals ---------------------------------------------------------
 
     def _release(self, slot: tuple[Key, Concurrency], cost: int) -> None:
-        with self._lock:
-            state = release(self._in_flight.get(slot, ConcurrencyState()), cost)
-            if state.in_flight:
-                self._in_flight[slot] = state
-            else:
-                self._in_flight.pop(slot, None)
+        state = release(self._in_flight.get(slot, ConcurrencyState()), cost)
+        if state.in_flight:
+            self._in_flight[slot] = state
+        else:
+            self._in_flight.pop(slot, None)
 
     def _state(self, slot: tuple[Key, str], limit: Limit, now: float) -> State:
         held = self._states.get(slot)
@@ -226,3 +303,45 @@ class MemoryLimiter:
     ) -> LimitResult:
         refused_by = None if outcome.refused_by is None else limits[outcome.refused_by]
         return LimitResult(outcome.allowed, outcome.decision, refused_by, outcome.decisions, charge)
+
+
+# What check() evaluates, by kind of limit: native calls instead of a dict lookup and
+# a Python-level call per window (multi.py, a tuple subclass, cannot be compiled).
+_GCRA = 0
+_SLIDING = 1
+_FIXED = 2
+# Windows objects whose plans a limiter remembers (a plugin holds one per limit set).
+_MAX_PLANS = 4096
+
+
+class _WindowsPlan:
+    """A multi.Windows readied for check(): its limits, slots, fresh states and kinds."""
+
+    def __init__(self, windows: multi.Windows) -> None:
+        self.windows = windows
+        self.count = len(windows)
+        self.limits: list[Limit] = list(windows)
+        self.slots: list[str] = list(windows.slots)
+        self.initials: list[State] = list(windows.initials)
+        self.kinds: list[int] = [
+            _GCRA if isinstance(w, Gcra) else _SLIDING if isinstance(w, SlidingWindow) else _FIXED
+            for w in windows
+        ]
+
+
+def _evaluate(
+    kind: int, limit: Limit, state: State, now: float, cost: int
+) -> tuple[Decision, State]:
+    if kind == _GCRA:
+        return gcra(cast(GcraState, state), now, cost, cast(Gcra, limit))
+    if kind == _SLIDING:
+        return sliding_window(cast(SlidingState, state), now, cost, cast(SlidingWindow, limit))
+    return fixed_window(cast(FixedState, state), now, cost, cast(FixedWindow, limit))
+
+
+def _expires(kind: int, limit: Limit, state: State) -> float:
+    if kind == _GCRA:
+        return gcra_expires_at(cast(GcraState, state), cast(Gcra, limit))
+    if kind == _SLIDING:
+        return sliding_expires_at(cast(SlidingState, state), cast(SlidingWindow, limit))
+    return fixed_expires_at(cast(FixedState, state), cast(FixedWindow, limit))
