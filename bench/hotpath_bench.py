@@ -231,6 +231,12 @@ WINDOWS_3 = (
 WINDOWS_1 = "{per: second, limit: 1000000000}"
 
 
+def _owner(hook: Callable[..., Any]) -> str:
+    """The plugin name of a hook (rate-limit hands the pipeline its engine's method)."""
+    owner = hook.__self__  # type: ignore[attr-defined]
+    return getattr(owner, "name", None) or type(owner).__name__
+
+
 class HookTimes:
     """Wraps a chain's access and response-header hooks to time each call
     (perf_counter_ns); what two back-to-back clock reads cost is measured too, to be
@@ -270,11 +276,11 @@ class HookTimes:
                 continue
             seen.add(id(chain))
             chain.access_hooks = tuple(
-                (prio, self.wrap(f"{hook.__self__.name} access", hook))
+                (prio, self.wrap(f"{_owner(hook)} access", hook))
                 for prio, hook in chain.access_hooks
             )
             chain.response_hooks = tuple(
-                self.wrap(f"{hook.__self__.name} response_headers", hook)
+                self.wrap(f"{_owner(hook)} response_headers", hook)
                 for hook in chain.response_hooks
             )
 

@@ -147,7 +147,9 @@ class MemoryLimiter:
         self._max_entries = max_entries
         # Live counters dropped because the table was full (see _sweep).
         self.evicted = 0
-        self._states: dict[tuple[Key, str], tuple[State, float]] = {}
+        # (key, slot) -> its state and the instant it is as good as fresh, updated in
+        # place: one lookup per window and check, no new entry per request.
+        self._states: dict[tuple[Key, str], _Cell] = {}
         self._in_flight: dict[tuple[Key, Concurrency], ConcurrencyState] = {}
         self._plans: dict[int, _WindowsPlan] = {}
         self._last_sweep = clock()
@@ -186,10 +188,12 @@ class MemoryLimiter:
         states: list[State] = []
         decisions: list[Decision] = []
         new_states: list[State] = []
+        cells: list[_Cell | None] = []
         allowed = True
         for i in range(count):
-            held = held_states.get((key, slots[i]))
-            state = held[0] if held is not None and held[1] > now else plan.initials[i]
+            cell = held_states.get((key, slots[i]))
+            state = cell.state if cell is not None and cell.until > now else plan.initials[i]
+            cells.append(cell)
             decision, new = _evaluate(kinds[i], windows[i], state, now, costs[i])
             if not decision.allowed:
                 allowed = False
@@ -201,7 +205,13 @@ class MemoryLimiter:
             return self._result(outcome, plan.windows, None)
         for i in range(count):
             state = new_states[i]
-            held_states[(key, slots[i])] = (state, _expires(kinds[i], windows[i], state))
+            until = _expires(kinds[i], windows[i], state)
+            cell = cells[i]
+            if cell is None:
+                held_states[(key, slots[i])] = _Cell(state, until)
+            else:
+                cell.state = state
+                cell.until = until
         reported = 0
         if count > 1:
             best = decisions[0]
@@ -243,12 +253,13 @@ class MemoryLimiter:
         now = self._clock()
         for limit, charged, spent in zip(charge.limits, charge.charged, charge.costs, strict=True):
             slot = (charge.key, multi.slot_id(limit))
-            held = self._states.get(slot)
-            if held is None:
+            cell = self._states.get(slot)
+            if cell is None:
                 continue  # expired: nothing left to give back
             amount = spent if cost is None else min(cost, spent)
-            state = multi.refund(limit, held[0], now, amount, charged)
-            self._states[slot] = (state, multi.expires_at(limit, state))
+            state = multi.refund(limit, cell.state, now, amount, charged)
+            cell.state = state
+            cell.until = multi.expires_at(limit, state)
 
     def acquire(
         self, key_parts: Sequence[str], limit: Concurrency, cost: int = 1
@@ -276,14 +287,14 @@ class MemoryLimiter:
             self._in_flight.pop(slot, None)
 
     def _state(self, slot: tuple[Key, str], limit: Limit, now: float) -> State:
-        held = self._states.get(slot)
-        if held is None or held[1] <= now:
+        cell = self._states.get(slot)
+        if cell is None or cell.until <= now:
             return multi.initial_state(limit)
-        return held[0]
+        return cell.state
 
     def _sweep(self, now: float) -> int:
         self._last_sweep = now
-        expired = [slot for slot, (_, until) in self._states.items() if until <= now]
+        expired = [slot for slot, cell in self._states.items() if cell.until <= now]
         for slot in expired:
             del self._states[slot]
         excess = len(self._states) - self._max_entries
@@ -312,6 +323,14 @@ _SLIDING = 1
 _FIXED = 2
 # Windows objects whose plans a limiter remembers (a plugin holds one per limit set).
 _MAX_PLANS = 4096
+
+
+class _Cell:
+    """One counter: its state and the instant from which it is as good as fresh."""
+
+    def __init__(self, state: State, until: float) -> None:
+        self.state = state
+        self.until = until
 
 
 class _WindowsPlan:

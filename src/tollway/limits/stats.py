@@ -17,20 +17,50 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 
 
+class DecisionCount:
+    """Allowed and refused checks of one route's window."""
+
+    def __init__(self) -> None:
+        self.allowed = 0
+        self.refused = 0
+
+
 class LimitStats:
     """Cumulative counters of one process's limiter."""
 
     def __init__(self) -> None:
-        # (route, window, outcome "allowed" | "refused") -> count
-        self.decisions: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        # route -> window -> counts: two lookups by string (their hashes are kept),
+        # where a (route, window, outcome) key would be built and hashed per request.
+        self._decisions: dict[str, dict[str, DecisionCount]] = {}
         # (store, what) -> count: ("redis", "error"), ("redis", "breaker_open"),
         # ("redis", "fail_open"), ("redis", "fail_closed"), ("redis", "degraded")
         self.store_events: defaultdict[tuple[str, str], int] = defaultdict(int)
         # (store,) -> [count per bucket..., +Inf count, sum]
         self.latency: dict[str, list[float]] = {}
 
+    @property
+    def decisions(self) -> dict[tuple[str, str, str], int]:
+        """(route, window, outcome "allowed" | "refused") -> count, for the metrics."""
+        out: dict[tuple[str, str, str], int] = {}
+        for route, windows in list(self._decisions.items()):
+            for window, count in list(windows.items()):
+                if count.allowed:
+                    out[(route, window, "allowed")] = count.allowed
+                if count.refused:
+                    out[(route, window, "refused")] = count.refused
+        return out
+
     def decided(self, route: str, window: str, allowed: bool) -> None:
-        self.decisions[(route, window, "allowed" if allowed else "refused")] += 1
+        windows = self._decisions.get(route)
+        if windows is None:
+            windows = self._decisions[route] = {}
+        count = windows.get(window)
+        if count is None:
+            count = windows[window] = DecisionCount()
+        if allowed:
+            count.allowed += 1
+        else:
+            count.refused += 1
 
     def store_event(self, store: str, what: str) -> None:
         self.store_events[(store, what)] += 1

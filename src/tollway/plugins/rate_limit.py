@@ -221,6 +221,10 @@ class RateLimit(Plugin[RateLimitConfig]):
             count_only_success=config.count_only_success,
             refund_on_status=config.refund_on_status,
         )
+        # The pipeline calls the compiled engine itself, without an interpreted frame
+        # in between (the class still defines both hooks: that is what it looks for).
+        self.access = self._engine.access  # type: ignore[method-assign]
+        self.log = self._engine.log  # type: ignore[method-assign]
 
     def bind(self, runtime: Runtime) -> None:
         problem = unshared_limits_problem(runtime.settings)

@@ -174,6 +174,8 @@ class RateLimitEngine:
         self.concurrency_lease_seconds = concurrency_lease_seconds
         self.count_only_success = count_only_success
         self.refund_statuses = frozenset(refund_on_status)
+        # Each window's capacity as header text: it is the same on every response.
+        self.limit_texts: dict[int, bytes] = {}
         self.service: LimitService | None = None
         self.plans: PlanBook | None = None
 
@@ -411,7 +413,12 @@ class RateLimitEngine:
             reset = seconds_header(decision.reset_after)
             remaining = str(decision.remaining).encode()
             extra = ctx.response_headers
-            extra.append((b"x-ratelimit-limit", str(decision.limit).encode()))
+            limit = self.limit_texts.get(decision.limit)
+            if limit is None:
+                limit = str(decision.limit).encode()
+                if len(self.limit_texts) < MAX_COMPILED:
+                    self.limit_texts[decision.limit] = limit
+            extra.append((b"x-ratelimit-limit", limit))
             extra.append((b"x-ratelimit-remaining", remaining))
             extra.append((b"x-ratelimit-reset", reset))
             extra.append((b"ratelimit-policy", limit_set.policy))
