@@ -462,7 +462,7 @@ def users_create(
 ) -> None:
     """Create a user, or show the one with this email."""
     from tollway.admin.schemas import UserOut
-    from tollway.identity import consumers
+    from tollway.identity import consumers, plans
 
     settings = _settings(data_dir)
 
@@ -471,6 +471,8 @@ def users_create(
             consumer, created = await consumers.create_or_get(
                 session, email=email, name=name, plan=plan
             )
+            if created and plan is not None:
+                await plans.require_plan(session, plan)  # no user with an unknown plan
             await db.commit_and_announce(session)
             return consumer, created
 

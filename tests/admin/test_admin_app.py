@@ -149,8 +149,19 @@ async def test_named_checks(admin: tuple[httpx.AsyncClient, HealthRegistry]) -> 
 
 async def test_detailed_and_status(admin: tuple[httpx.AsyncClient, HealthRegistry]) -> None:
     client, health = admin
+    # Down (no config yet): 503 for a monitor, the whole report in the envelope.
+    r = await client.get("/health/detailed")
+    assert r.status_code == 503
+    assert_envelope(r.json(), "unhealthy")
+    report = r.json()["error"]["details"]
+    assert report["status"] == "down" and report["config_loaded"] is False
+    assert {"redis", "db"} == set(report["checks"])
+
+    # Degraded (an optional check down) is still 200.
     health.set_config_loaded(True)
-    detailed = (await client.get("/health/detailed")).json()
+    r = await client.get("/health/detailed")
+    assert r.status_code == 200
+    detailed = r.json()
     assert detailed["status"] == "degraded"
     assert detailed["pid"] == os.getpid()
     assert {"redis", "db"} == set(detailed["checks"])

@@ -181,17 +181,29 @@ async def test_a_plan_in_use_cannot_be_deleted_and_users_name_existing_plans(
     assert fields_of(r.json()) == {"body.plan"}
     assert (await api.client.get(f"/users/{b['id']}")).json()["plan"] == "gold"
 
+    # Creating a user on a plan that does not exist is refused the same way, and
+    # leaves no user behind; on an existing plan it goes through.
+    r = await api.client.post("/users", json={"email": "c@example.com", "plan": "platinum"})
+    assert r.status_code == 422
+    assert_envelope(r.json(), "validation_error")
+    assert fields_of(r.json()) == {"body.plan"}
+    r = await api.client.get("/users/by-email", params={"email": "c@example.com"})
+    assert r.status_code == 404
+    r = await api.client.post("/users", json={"email": "c@example.com", "plan": "gold"})
+    assert r.status_code == 201 and r.json()["plan"] == "gold"
+    c_id = r.json()["id"]
+
     r = await api.client.delete("/plans/gold")
     assert r.status_code == 409
     body = r.json()
     assert_envelope(body, "conflict")
-    assert "2 users" in body["message"]
+    assert "3 users" in body["message"]
     assert body["error"]["details"] == {"field": "path.name"}
     assert (await api.client.get("/plans/gold")).status_code == 200
 
     # Clearing the plan needs no plan; then the delete goes through.
-    for user in (a, b):
-        r = await api.client.patch(f"/users/{user['id']}", json={"plan": None})
+    for user_id in (a["id"], b["id"], c_id):
+        r = await api.client.patch(f"/users/{user_id}", json={"plan": None})
         assert r.status_code == 200 and r.json()["plan"] is None
     assert (await api.client.delete("/plans/gold")).status_code == 204
 

@@ -91,6 +91,12 @@ async def test_plans_from_the_command_line(env: dict[str, str]) -> None:
     table = await tollway(env, "plans", "list")
     assert table.exit_code == 0 and "60/minute" in table.stdout
 
+    # A user is created on an existing plan only; a refused one leaves nothing behind.
+    refused = await tollway(env, "users", "create", "z@example.com", "--plan", "gold")
+    assert refused.exit_code != 0 and "no plan named 'gold'" in error_line(refused)
+    made_user = as_json(await tollway(env, "users", "create", "z@example.com", "--json"))
+    assert made_user["created"] is True and made_user["plan"] is None
+
     data_dir = Path(env["TOLLWAY_DATA_DIR"])
     database = Database(env.get("TOLLWAY_DATABASE_URL") or default_url(data_dir))
     try:

@@ -371,3 +371,37 @@ async def test_workers_never_outlive_a_parent_that_fails_to_start(tmp_path: Path
         # The parent could not serve its admin port; its workers went with it.
         await wait_until(lambda: not _processes_serving(config), what="the workers to exit")
         proc.kill()
+
+
+async def test_errors_the_gateway_answers_are_counted_by_code(tmp_path: Path) -> None:
+    async with RecordingUpstream() as upstream:
+        config = tmp_path / "tollway.yaml"
+        config.write_text(route_config(upstream))
+        with GatewayProcess(config) as gw:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.port}") as client:
+                for _ in range(3):
+                    r = await client.get("/nowhere")
+                    assert r.status_code == 404
+                    assert r.json()["error"]["code"] == "route_not_found"
+                assert (await client.get("/api/x")).status_code == 200
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{gw.admin_port}"
+            ) as admin:
+
+                async def errors() -> dict[str, float]:
+                    text = (await admin.get("/metrics")).text
+                    return {
+                        m.group(1): float(m.group(2))
+                        for m in re.finditer(
+                            r'^tollway_gateway_errors_total\{code="([^"]+)"\} (\S+)$', text, re.M
+                        )
+                    }
+
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 10
+                # The worker flushes its counters once a second: wait for that flush.
+                while (seen := await errors()).get("route_not_found", 0) < 3:
+                    assert loop.time() < deadline, f"gateway errors in /metrics: {seen}"
+                    await asyncio.sleep(0.1)
+                # Exactly the three refusals: the proxied request is not an error.
+                assert seen == {"route_not_found": 3.0}

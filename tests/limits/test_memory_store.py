@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from support.clock import FakeClock
 from tollway.limits import FixedWindow, Gcra, MemoryLimiter, SlidingWindow
+from tollway.limits.service import LimitService
 
 T0 = 1_699_999_980.0  # a minute boundary
 
@@ -188,10 +189,12 @@ def test_a_flood_of_keys_cannot_grow_the_table_without_end() -> None:
     """Distinct keys on a day quota stay live all day: past max_entries the oldest
     tenth is dropped (and counted), so memory stays bounded."""
     limiter = MemoryLimiter(clock=FakeClock(T0), max_entries=100)
+    stats = LimitService(limiter).stats  # what tollway_limiter_store_events_total reads
     day = FixedWindow(5, "day")
     for i in range(1000):
         assert limiter.check([f"ip-{i}"], [day]).allowed
         assert len(limiter) <= 100
     assert limiter.evicted >= 900
+    assert stats.store_events[("memory", "evicted")] == limiter.evicted
     # Recent keys keep their counts.
     assert limiter.check(["ip-999"], [day]).decision.remaining == 3

@@ -23,7 +23,7 @@ from tollway.admin import bans, grants, keys, plans, upstreams, usage, users
 from tollway.admin.auth import AdminGuard, bearer_scheme
 from tollway.admin.envelope import error_response, install_error_handlers, request_id_of
 from tollway.admin.token import load_admin_token
-from tollway.observability.health import HealthRegistry
+from tollway.observability.health import DOWN, HealthRegistry
 from tollway.settings import Settings
 
 if TYPE_CHECKING:
@@ -100,10 +100,20 @@ def create_admin_app(state: AdminState) -> FastAPI:
             503, "not_ready", "The gateway is not ready", request_id_of(request), body
         )
 
-    @app.get("/health/detailed", tags=["health"])
-    async def health_detailed() -> dict[str, Any]:
-        """Every check with its status and latency, and the process facts."""
-        return await health.detailed()
+    @app.get("/health/detailed", tags=["health"], responses={503: _ENVELOPE_DOC})
+    async def health_detailed(request: Request) -> Any:
+        """Every check with its status and latency, and the process facts.
+
+        200 when up or degraded (an optional check failing); 503 when down (no config
+        or a required check failing), the report in the envelope's details, so that a
+        monitor pointed here sees the outage in the status code as /health/ready does.
+        """
+        body = await health.detailed()
+        if body["status"] != DOWN:
+            return body
+        return error_response(
+            503, "unhealthy", "The gateway is down", request_id_of(request), body
+        )
 
     @app.get("/health/{name}", tags=["health"], responses={404: _ENVELOPE_DOC, 503: _ENVELOPE_DOC})
     async def health_one(name: str, request: Request) -> Any:

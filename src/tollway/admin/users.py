@@ -34,11 +34,16 @@ async def create_user(
     """Create a user, or return the one with this email (201 created, 200 existing).
 
     Existing users are returned as they are: name, plan and metadata given here do
-    not overwrite theirs (PATCH does that).
+    not overwrite theirs (PATCH does that). A `plan` must name an existing plan (422
+    otherwise, and no user is created).
     """
     consumer, created = await consumers.create_or_get(
         session, email=body.email, name=body.name, plan=body.plan, metadata=body.metadata
     )
+    if created and body.plan is not None:
+        # After the insert, as PATCH does (see update_user): the plan is held until
+        # the commit. A refusal rolls the new user back with the session.
+        await plans.require_plan(session, body.plan)
     await commit_and_announce(session, runtime)
     if not created:
         response.status_code = 200

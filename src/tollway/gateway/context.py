@@ -65,11 +65,17 @@ class Response:
     status: int
     headers: Headers
     body: bytes
+    # The error code of an enveloped error (error()), "" for any other response:
+    # what tollway_gateway_errors_total counts.
+    code: str
 
-    def __init__(self, status: int, headers: Headers | None = None, body: bytes = b"") -> None:
+    def __init__(
+        self, status: int, headers: Headers | None = None, body: bytes = b"", code: str = ""
+    ) -> None:
         self.status = status
         self.headers = [] if headers is None else headers
         self.body = body
+        self.code = code
 
     @classmethod
     def error(
@@ -86,7 +92,7 @@ class Response:
         hdrs: Headers = [(b"content-type", JSON_CONTENT_TYPE)]
         if headers:
             hdrs.extend(headers)
-        return cls(status or default_status, hdrs, body)
+        return cls(status or default_status, hdrs, body, code)
 
     @classmethod
     def from_error(cls, err: GatewayError, request_id: str | None) -> Response:

@@ -33,6 +33,8 @@ class RequestMetrics(Protocol):
         upstream_seconds: float | None,
     ) -> None: ...
 
+    def error(self, code: str) -> None: ...
+
     def connection_opened(self) -> None: ...
 
     def connection_closed(self) -> None: ...
@@ -43,6 +45,9 @@ class NullMetrics:
         self, route: str, service: str, status: int, seconds: float,
         upstream_seconds: float | None,
     ) -> None:
+        return None
+
+    def error(self, code: str) -> None:
         return None
 
     def connection_opened(self) -> None:

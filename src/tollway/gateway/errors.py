@@ -50,6 +50,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "temporarily_blocked": (403, "Too many failed requests from this source; retry later"),
     "not_ready": (503, "Not ready"),
     "health_check_failed": (503, "A health check failed"),
+    "unhealthy": (503, "The gateway is down"),
 }
 
 

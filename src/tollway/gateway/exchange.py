@@ -768,6 +768,8 @@ class Exchange:
             self._fail_client("error_after_response_started")
             return
         self._abort_upstream()
+        if response.code:
+            self.conn.plane.metrics.error(response.code)
         headers = list(response.headers)
         headers.append((b"date", DATE.get()))
         if self.body_pending:

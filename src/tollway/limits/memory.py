@@ -30,6 +30,7 @@ from tollway.limits.concurrency import Concurrency, ConcurrencyState, acquire, r
 from tollway.limits.decision import Decision
 from tollway.limits.gcra import Gcra, GcraState, gcra, gcra_expires_at
 from tollway.limits.multi import Limit, MultiDecision, State
+from tollway.limits.stats import LimitStats
 from tollway.limits.windows import (
     FixedState,
     FixedWindow,
@@ -145,8 +146,10 @@ class MemoryLimiter:
         self._clock = clock
         self._sweep_interval = sweep_interval
         self._max_entries = max_entries
-        # Live counters dropped because the table was full (see _sweep).
+        # Live counters dropped because the table was full (see _sweep); also counted
+        # in `stats` (the LimitService's, for tollway_limiter_store_events_total).
         self.evicted = 0
+        self.stats: LimitStats | None = None
         # (key, slot) -> its state and the instant it is as good as fresh, updated in
         # place: one lookup per window and check, no new entry per request.
         self._states: dict[tuple[Key, str], _Cell] = {}
@@ -306,6 +309,8 @@ class MemoryLimiter:
             for slot in list(itertools.islice(self._states, drop)):
                 del self._states[slot]
             self.evicted += drop
+            if self.stats is not None:
+                self.stats.store_event("memory", "evicted", drop)
         return len(expired)
 
     @staticmethod

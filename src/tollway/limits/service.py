@@ -55,6 +55,7 @@ class LimitService:
         self.redis = redis
         self.breaker = breaker or StoreBreaker()
         self.stats = stats or LimitStats()
+        memory.stats = self.stats
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property

@@ -33,7 +33,8 @@ class LimitStats:
         # where a (route, window, outcome) key would be built and hashed per request.
         self._decisions: dict[str, dict[str, DecisionCount]] = {}
         # (store, what) -> count: ("redis", "error"), ("redis", "breaker_open"),
-        # ("redis", "fail_open"), ("redis", "fail_closed"), ("redis", "degraded")
+        # ("redis", "fail_open"), ("redis", "fail_closed"), ("redis", "degraded"),
+        # ("memory", "evicted": counters dropped from a full table)
         self.store_events: defaultdict[tuple[str, str], int] = defaultdict(int)
         # (store,) -> [count per bucket..., +Inf count, sum]
         self.latency: dict[str, list[float]] = {}
@@ -62,8 +63,8 @@ class LimitStats:
         else:
             count.refused += 1
 
-    def store_event(self, store: str, what: str) -> None:
-        self.store_events[(store, what)] += 1
+    def store_event(self, store: str, what: str, count: int = 1) -> None:
+        self.store_events[(store, what)] += count
 
     def observe(self, store: str, seconds: float) -> None:
         slots = self.latency.get(store)

@@ -127,7 +127,8 @@ class _Families:
         )
         self.limiter_store_events = Counter(
             "tollway_limiter_store_events",
-            "Limiter store trouble: error, breaker_open, fail_open, fail_closed, degraded",
+            "Limiter store trouble: error, breaker_open, fail_open, fail_closed, degraded"
+            " (redis); evicted counters (memory)",
             ("store", "event"),
         )
         self.limiter_duration = Histogram(
