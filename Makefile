@@ -19,16 +19,16 @@ COMPILED := \
 	tollway/upstream/stats.py \
 	tollway/limits/gcra.py tollway/limits/memory.py tollway/limits/windows.py \
 	tollway/limits/decision.py tollway/limits/concurrency.py tollway/limits/stats.py \
-	tollway/plugins/rate_limit_engine.py
+	tollway/limits/service.py tollway/limits/redis_store.py tollway/plugins/rate_limit_engine.py
 # Compiled code is checked against the types of everything it imports: any source
-# change rebuilds.
+# change (or a change of this list) rebuilds.
 SOURCES := $(shell find src/tollway -name '*.py')
 
 venv:
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
 	@$(UV) sync --frozen --quiet
 
-src/.compiled: $(SOURCES) uv.lock
+src/.compiled: $(SOURCES) uv.lock Makefile
 	@$(MAKE) --no-print-directory venv
 	@echo "compiling the data plane's hot path (mypyc)..."
 	@cd src && ../.venv/bin/mypyc $(COMPILED) > ../.venv/mypyc.log 2>&1 \

@@ -92,7 +92,9 @@ async def test_migrate_and_check(env: dict[str, str]) -> None:
 
 
 async def test_users_and_keys_from_the_command_line(env: dict[str, str]) -> None:
-    # No `migrate` first: every command brings the schema up to date itself.
+    # No `migrate` first: every command brings the schema up to date itself. A user's
+    # plan must exist (test_plans_cli checks the refusal).
+    assert (await atollway(env, "plans", "create", "pro")).exit_code == 0
     created = await atollway(env, "users", "create", "Ada@Example.com", "--name", "Ada",
                              "--plan", "pro")
     assert created.exit_code == 0, created.output

@@ -85,6 +85,8 @@ async def test_openapi_describes_the_resources(api: AdminApi) -> None:
 
 
 async def test_users_create_or_get_read_update(api: AdminApi) -> None:
+    # A user's plan must exist (test_plans_api checks the refusal).
+    assert (await api.client.post("/plans", json={"name": "pro"})).status_code == 201
     r = await api.client.post(
         "/users",
         json={"email": "  Ada@Example.COM ", "name": "Ada", "plan": "pro", "metadata": {"t": 1}},

@@ -37,7 +37,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import structlog
-from redis.exceptions import NoScriptError, RedisError
 
 from tollway.limits.breaker import StoreBreaker
 
@@ -431,6 +430,12 @@ class RedisBans(BanStore):
         self.resync_interval = resync_interval
         self.breaker = breaker or StoreBreaker()
         self._own_clients = own_clients
+        # Here rather than at the top: redis-py costs a gateway without Redis about
+        # 16 MB of RSS, and only a Redis ban store needs its exceptions.
+        from redis.exceptions import NoScriptError, RedisError
+
+        self._no_script: type[Exception] = NoScriptError
+        self._redis_error: type[Exception] = RedisError
         self._fail_script = redis.register_script(FAIL_LUA)
         self._ban_script = redis.register_script(BAN_LUA)
         self._lift_script = redis.register_script(LIFT_LUA)
@@ -492,7 +497,7 @@ class RedisBans(BanStore):
         try:
             async with asyncio.timeout(budget):
                 result = await fn()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (self._redis_error, OSError, TimeoutError) as exc:
             self.breaker.failure()
             self.stats.store_errors += 1
             if self.stats.store_errors == 1 or self.stats.store_errors % 100 == 0:
@@ -574,7 +579,7 @@ class RedisBans(BanStore):
         sha = self._fail_script.sha
         args = [self._fail_args(k, v, p, n) for (k, v, p), n in chunk]
         replies: list[Any] = await self._pipeline_evalsha(sha, args)
-        missed = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        missed = [i for i, r in enumerate(replies) if isinstance(r, self._no_script)]
         if missed:
             sha = self._fail_script.sha = await self.redis.script_load(FAIL_LUA)
             again = await self._pipeline_evalsha(sha, [args[i] for i in missed])
@@ -773,7 +778,7 @@ class RedisBans(BanStore):
                 await self._listen(pubsub)
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, TimeoutError, ConnectionError) as exc:
+            except (self._redis_error, OSError, TimeoutError, ConnectionError) as exc:
                 if self.subscribed:
                     log.warning("ban subscription lost", error=f"{type(exc).__name__}: {exc}")
             finally:

@@ -31,7 +31,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from redis.exceptions import RedisError
 
 from tollway.upstream.circuit import BreakerState, CircuitBreaker, Transition
 
@@ -54,7 +53,6 @@ PUBLISH_TIMEOUT = 1.0
 # Reconnect backoff bounds, seconds.
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 10.0
-_REDIS_DOWN = (RedisError, OSError, TimeoutError, ConnectionError)
 
 
 def _text(value: bytes | str) -> str:
@@ -76,6 +74,13 @@ class CircuitShare:
         on_remote_open: Callable[[str, float], None],
         prefix: str = "tollway:",
     ) -> None:
+        # Here rather than at the top: redis-py costs a gateway without Redis about
+        # 16 MB of RSS, and only a shared circuit needs its exceptions.
+        from redis.exceptions import RedisError
+
+        self._redis_down: tuple[type[BaseException], ...] = (
+            RedisError, OSError, TimeoutError, ConnectionError,
+        )
         self.redis = redis
         self.node_id = node_id
         self.on_remote_open = on_remote_open
@@ -126,7 +131,7 @@ class CircuitShare:
                 task.cancel()
             await asyncio.wait(tasks, timeout=0.1)
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, *_REDIS_DOWN):
+            with contextlib.suppress(asyncio.CancelledError, *self._redis_down):
                 await task
 
     # ---- publishing -----------------------------------------------------------------
@@ -158,7 +163,7 @@ class CircuitShare:
                     pipe.set(self.key(name), self.node_id, px=max(1, math.ceil(seconds * 1000)))
                     pipe.publish(self.channel, message)
                     await pipe.execute()
-        except _REDIS_DOWN as exc:
+        except self._redis_down as exc:
             self.publish_failures += 1
             log.warning(
                 "circuit open not shared", breaker=name, error=f"{type(exc).__name__}: {exc}"
@@ -240,7 +245,7 @@ class CircuitShare:
                 await self._listen(pubsub)
             except asyncio.CancelledError:
                 raise
-            except _REDIS_DOWN as exc:
+            except self._redis_down as exc:
                 if not self._outage_logged:
                     self._outage_logged = True
                     log.warning(
@@ -250,7 +255,7 @@ class CircuitShare:
             finally:
                 self.subscribed = False
                 # Closing a broken connection raises whatever the socket says.
-                with contextlib.suppress(*_REDIS_DOWN):
+                with contextlib.suppress(*self._redis_down):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             self._first_attempt.set()
             await asyncio.sleep(backoff)
