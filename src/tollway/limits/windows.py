@@ -101,11 +101,42 @@ class FixedState(NamedTuple):
     used: int = 0
 
 
+class _Bounds:
+    """The window of one FixedWindow that the last call fell in."""
+
+    def __init__(self, params: FixedWindow, start: float, end: float) -> None:
+        self.params = params  # held: the id keying this entry stays its own
+        self.start = start
+        self.end = end
+
+
+# id(FixedWindow) -> its last window. A limit's window changes once a period, and
+# window_bounds builds and hashes a (per, zone) key per call: this runs on every
+# check of a fixed or calendar window (twice: the check and the state's expiry).
+_BOUNDS: dict[int, _Bounds] = {}
+
+
+def fixed_bounds(at: float, params: FixedWindow) -> tuple[float, float]:
+    """window_bounds(at, params.per, params.tz), remembered per limit."""
+    held = _BOUNDS.get(id(params))
+    if held is not None and held.params is params and held.start <= at < held.end:
+        return held.start, held.end
+    start, end = window_bounds(at, params.per, params.tz)
+    if held is not None and held.params is params:
+        held.start = start
+        held.end = end
+    else:
+        if len(_BOUNDS) >= 4096:
+            _BOUNDS.clear()
+        _BOUNDS[id(params)] = _Bounds(params, start, end)
+    return start, end
+
+
 def _fixed_current(state: FixedState, now: float, params: FixedWindow) -> tuple[float, float, int]:
-    start, end = window_bounds(now, params.per, params.tz)
+    start, end = fixed_bounds(now, params)
     if state.window_start > start + TIME_EPSILON:
         # The clock went back: stay in the newer window already counted.
-        start, end = window_bounds(state.window_start, params.per, params.tz)
+        start, end = fixed_bounds(state.window_start, params)
         return start, end, state.used
     if abs(state.window_start - start) <= TIME_EPSILON:
         return start, end, state.used
@@ -153,7 +184,7 @@ def fixed_refund(
 def fixed_expires_at(state: FixedState, params: FixedWindow) -> float:
     if state.used == 0 or math.isinf(state.window_start):
         return -math.inf
-    return window_bounds(state.window_start, params.per, params.tz)[1]
+    return fixed_bounds(state.window_start, params)[1]
 
 
 # -- sliding window -----------------------------------------------------------
