@@ -289,12 +289,6 @@ class MemoryLimiter:
         else:
             self._in_flight.pop(slot, None)
 
-    def _state(self, slot: tuple[Key, str], limit: Limit, now: float) -> State:
-        cell = self._states.get(slot)
-        if cell is None or cell.until <= now:
-            return multi.initial_state(limit)
-        return cell.state
-
     def _sweep(self, now: float) -> int:
         self._last_sweep = now
         expired = [slot for slot, cell in self._states.items() if cell.until <= now]

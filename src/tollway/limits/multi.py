@@ -47,11 +47,8 @@ class Windows(tuple[Limit, ...]):
     that a check does not work out the slot ids again for every request."""
 
     slots: tuple[str, ...]
-    # Per limit: its fresh state, its algorithm, and its expiry function, looked
-    # up once here rather than dispatched on type for every request.
+    # Per limit: its fresh state, made once here rather than for every request.
     initials: tuple[State, ...]
-    algorithms: tuple[Callable[..., tuple[Decision, State]], ...]
-    expirers: tuple[Callable[..., float], ...]
 
     def __new__(cls, limits: Sequence[Limit]) -> Windows:
         self = super().__new__(cls, limits)
@@ -60,8 +57,6 @@ class Windows(tuple[Limit, ...]):
             if type(limit) not in _EVALUATE:
                 raise TypeError(f"{limit!r} is not a limit")
         self.initials = tuple(initial_state(limit) for limit in self)
-        self.algorithms = tuple(_EVALUATE[type(limit)][1] for limit in self)
-        self.expirers = tuple(_EXPIRES[type(limit)] for limit in self)
         return self
 
 

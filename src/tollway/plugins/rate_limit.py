@@ -47,7 +47,7 @@ from pydantic import Field, field_validator, model_validator
 from tollway.gateway.context import RequestContext
 from tollway.limits.windows import Per, window_bounds
 from tollway.plugins.base import AccessResult, Plugin, PluginConfig, register
-from tollway.plugins.rate_limit_engine import PERIODS, RateLimitEngine, Window
+from tollway.plugins.rate_limit_engine import PERIODS, RateLimitEngine, Window, needs_log_phase
 
 if TYPE_CHECKING:
     from tollway.config.schema import GatewayConfig
@@ -189,10 +189,8 @@ class RateLimit(Plugin[RateLimitConfig]):
     def __new__(cls, config: RateLimitConfig) -> RateLimit:
         # The pipeline calls only the hooks a class overrides: pick the variant
         # whose priority and log hook this configuration needs.
-        refunds = (
-            config.count_only_success
-            or bool(config.refund_on_status)
-            or config.concurrency is not None  # the log phase gives the slot back
+        refunds = needs_log_phase(
+            config.count_only_success, config.refund_on_status, config.concurrency
         )
         if cls is RateLimit:
             if config.before_auth:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import structlog
 
@@ -111,6 +111,16 @@ def _capacity(limit: Limit) -> int:
     return limit.capacity if isinstance(limit, Gcra) else limit.limit
 
 
+def needs_log_phase(
+    count_only_success: bool, refund_on_status: tuple[int, ...], concurrency: int | None
+) -> bool:
+    """Whether the log phase has work: a charge to give back or a slot to free."""
+    return count_only_success or bool(refund_on_status) or concurrency is not None
+
+
+_MISSING: Final = object()
+
+
 def seconds_header(value: float) -> bytes:
     """Whole seconds for a header, rounded up (a client that waits that long passes)."""
     if value <= 1e-9:
@@ -174,6 +184,9 @@ class RateLimitEngine:
         self.concurrency_lease_seconds = concurrency_lease_seconds
         self.count_only_success = count_only_success
         self.refund_statuses = frozenset(refund_on_status)
+        # Whether the log phase reads what access holds (a charge to refund, a slot
+        # to free): without it nothing is kept per request.
+        self.holds = needs_log_phase(count_only_success, refund_on_status, concurrency)
         # Each window's capacity as header text: it is the same on every response.
         self.limit_texts: dict[int, bytes] = {}
         self.service: LimitService | None = None
@@ -209,8 +222,9 @@ class RateLimitEngine:
         if plan is None and not grants and per_minute is None and per_day is None:
             return self.default
         memo = (plan, per_minute, per_day, tuple([(g.per, g.extra) for g in grants]))
-        if memo in self.compiled:
-            return self.compiled[memo]
+        found = self.compiled.get(memo, _MISSING)
+        if found is not _MISSING:
+            return cast("LimitSet | None", found)
         compiled = self.compile(self._windows(plan, per_minute, per_day, grants))
         if len(self.compiled) >= MAX_COMPILED:
             self.compiled.clear()
@@ -400,7 +414,7 @@ class RateLimitEngine:
             # The client left while the store answered: nothing will be served.
             service.refund(result.charge, shared)
             return None
-        if result.charge is not None:
+        if result.charge is not None and self.holds:
             ctx.vars[VARS] = Held(result.charge, shared)
         route = ctx.route.name if ctx.route is not None else ""
         index = window_index(result, limit_set)
