@@ -245,7 +245,7 @@ def test_sliding_window_weighting(
     assert decision.retry_after == approx(retry_after)
     assert decision.reset_after == approx(reset_after)
     if allowed:
-        assert new == PREV8_CUR3._replace(current_count=3 + cost)
+        assert new == SlidingState(PREV8_CUR3.window_start, 8, 3 + cost)
     else:
         assert new is PREV8_CUR3
         if not decision.never:

@@ -9,7 +9,6 @@ idempotent; with the pure functions the caller keeps that promise itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from tollway.limits.decision import NEVER, Decision, check_cost
 
@@ -29,8 +28,14 @@ class Concurrency:
             raise ValueError("retry_hint must be >= 0")
 
 
-class ConcurrencyState(NamedTuple):
-    in_flight: int = 0
+@dataclass(slots=True, init=False)
+class ConcurrencyState:
+    """A native record, not a NamedTuple (see GcraState). Never changed once made."""
+
+    in_flight: int
+
+    def __init__(self, in_flight: int = 0) -> None:
+        self.in_flight = in_flight
 
 
 def acquire(

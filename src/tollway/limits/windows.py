@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
-from typing import Literal, NamedTuple, get_args
+from typing import Literal, get_args
 from zoneinfo import ZoneInfo
 
 from tollway.limits.decision import COUNT_EPSILON, NEVER, TIME_EPSILON, Decision, check_cost
@@ -96,9 +96,16 @@ class FixedWindow:
         _zone(self.tz)  # raises on an unknown zone
 
 
-class FixedState(NamedTuple):
-    window_start: float = -math.inf
-    used: int = 0
+@dataclass(slots=True, init=False)
+class FixedState:
+    """A native record, not a NamedTuple (see GcraState). Never changed once made."""
+
+    window_start: float
+    used: int
+
+    def __init__(self, window_start: float = -math.inf, used: int = 0) -> None:
+        self.window_start = window_start
+        self.used = used
 
 
 class _Bounds:
@@ -204,10 +211,20 @@ class SlidingWindow:
             raise ValueError("period must be > 0")
 
 
-class SlidingState(NamedTuple):
-    window_start: float = -math.inf
-    previous_count: int = 0
-    current_count: int = 0
+@dataclass(slots=True, init=False)
+class SlidingState:
+    """A native record, not a NamedTuple (see GcraState). Never changed once made."""
+
+    window_start: float
+    previous_count: int
+    current_count: int
+
+    def __init__(
+        self, window_start: float = -math.inf, previous_count: int = 0, current_count: int = 0
+    ) -> None:
+        self.window_start = window_start
+        self.previous_count = previous_count
+        self.current_count = current_count
 
 
 def _sliding_roll(state: SlidingState, now: float, period: float) -> SlidingState:
@@ -262,7 +279,7 @@ def sliding_window(
     elapsed = min(period, max(0.0, now - rolled.window_start))
     estimate = _estimate(rolled, elapsed, period)
     if estimate + cost <= limit + COUNT_EPSILON:
-        new = rolled._replace(current_count=rolled.current_count + cost)
+        new = SlidingState(rolled.window_start, rolled.previous_count, rolled.current_count + cost)
         used = estimate + cost
         decision = Decision(
             allowed=True,
@@ -292,9 +309,13 @@ def sliding_refund(
         return state
     gap = round((rolled.window_start - charged.window_start) / params.period)
     if gap == 0:
-        return rolled._replace(current_count=max(0, rolled.current_count - cost))
+        return SlidingState(
+            rolled.window_start, rolled.previous_count, max(0, rolled.current_count - cost)
+        )
     if gap == 1:
-        return rolled._replace(previous_count=max(0, rolled.previous_count - cost))
+        return SlidingState(
+            rolled.window_start, max(0, rolled.previous_count - cost), rolled.current_count
+        )
     return state
 
 
