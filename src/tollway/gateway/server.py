@@ -96,6 +96,8 @@ class ClientConnection(asyncio.Protocol):
         self._head_bytes = 0
         self._head_size = 0
         self._begun = 0
+        # Why a parser callback stopped parsing (see _abort).
+        self._signal: Exception | None = None
         self._in_head = False
         self._in_body = False
         self._linger = False
@@ -148,7 +150,8 @@ class ClientConnection(asyncio.Protocol):
             offset = exc.args[0] if exc.args else len(data)
             self._upgraded(data[offset:])
         except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
+            cause = self._signal or exc.__context__
+            self._signal = None
             if isinstance(cause, _Refuse):
                 self._refuse(cause.code, cause.message)
             elif isinstance(cause, _Stop):
@@ -193,10 +196,21 @@ class ClientConnection(asyncio.Protocol):
 
     # ---- httptools callbacks -------------------------------------------------------
 
+    def _abort(self, signal: Exception) -> Exception:
+        """Remember why a parser callback stops parsing; the callback raises it.
+
+        feed_data's handler reads it here, not from the callback error's
+        __context__: raising replaces that with whatever exception the thread is
+        handling at the time (a coroutine suspended in an except block leaves one
+        behind), which turned a 414 into a 500.
+        """
+        self._signal = signal
+        return signal
+
     def on_message_begin(self) -> None:
         if self._stopped:
             # The rest of a packet after a refused request is never parsed.
-            raise _Stop
+            raise self._abort(_Stop())
         self._begun += 1
         self._head_bytes = 0
         self._head_size = 0
@@ -209,7 +223,7 @@ class ClientConnection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url += url
         if len(self._url) > self.settings.max_uri_length:
-            raise _Refuse("uri_too_long")
+            raise self._abort(_Refuse("uri_too_long"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
@@ -217,14 +231,14 @@ class ClientConnection(asyncio.Protocol):
             # counted with the headers against one header-block budget.
             self._head_size += len(name) + len(value) + 4
             if self._head_size > self.settings.max_header_bytes:
-                raise _Refuse("headers_too_large", "Request trailers are too large")
+                raise self._abort(_Refuse("headers_too_large", "Request trailers are too large"))
             return
         headers = self._headers
         if len(headers) >= self.settings.max_header_count:
-            raise _Refuse("headers_too_large", "Too many request headers")
+            raise self._abort(_Refuse("headers_too_large", "Too many request headers"))
         self._head_size += len(name) + len(value) + 4
         if self._head_size > self.settings.max_header_bytes:
-            raise _Refuse("headers_too_large")
+            raise self._abort(_Refuse("headers_too_large"))
         headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
@@ -251,7 +265,7 @@ class ClientConnection(asyncio.Protocol):
             # the refusal waits for its turn.
             exchange.preset = Response.error("payload_too_large", exchange.ctx.request_id)
             self._stop_reading()
-            raise _Stop
+            raise self._abort(_Stop())
         exchange.request_body(body)
         if self.deadline_kind == "body":
             self.refresh_deadline()

@@ -458,9 +458,15 @@ class RedisLimiter:
         """EVALSHA (the frame); on NOSCRIPT, SCRIPT LOAD and the frame once more."""
         client = self.client
         try:
+            missing = False
             try:
                 reply = await client.execute(frame)
             except NoScriptError:
+                missing = True
+            if missing:
+                # Awaited outside the handler: a compiled coroutine suspended inside
+                # an except block leaves its exception as the one the thread is
+                # handling while everything else on the loop runs.
                 await client.call("SCRIPT", "LOAD", script.text)
                 reply = await client.execute(frame)
         except (RespClientError, OSError) as exc:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import os
 import weakref
-from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -41,28 +40,18 @@ from prometheus_client import (
 
 from tollway.limits.stats import LATENCY_BUCKETS as LIMITER_BUCKETS
 from tollway.limits.stats import LimitStats
+from tollway.observability.request_counts import (
+    LATENCY_BUCKETS,
+    SUM,
+    RequestCounts,
+)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-
-# Generation calls take minutes, so the buckets reach 5 min; proxied API calls
-# still get millisecond resolution at the low end.
-LATENCY_BUCKETS: tuple[float, ...] = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-)  # fmt: skip
-
-# One slot per finite bound, one for +Inf, and the last slot holds the sum.
-_HIST_SLOTS = len(LATENCY_BUCKETS) + 2
-_SUM = -1
 
 PoolStatsSource = Callable[[], dict[str, tuple[int, int]]]
 # Cumulative "written", "dropped", "write_errors" and the current "pending".
 UsageStatsSource = Callable[[], Mapping[str, int]]
 _USAGE_COUNTERS = ("written", "dropped", "write_errors")
-
-
-def _new_hist() -> list[float]:
-    return [0.0] * _HIST_SLOTS
 
 
 class _Families:
@@ -203,7 +192,7 @@ def add_observations(child: Histogram, slots: list[float]) -> None:
         count = slots[i]
         if count:
             buckets[i].inc(count)
-    child._sum.inc(slots[_SUM])
+    child._sum.inc(slots[SUM])
 
 
 def _inc_each(counter: Counter, counts: dict[str, int]) -> None:
@@ -241,9 +230,7 @@ class GatewayMetrics:
         _instances.add(self)
 
     def _reset_local(self) -> None:
-        self._requests: defaultdict[tuple[str, str, int], int] = defaultdict(int)
-        self._route_hist: defaultdict[str, list[float]] = defaultdict(_new_hist)
-        self._upstream_hist: defaultdict[str, list[float]] = defaultdict(_new_hist)
+        self._set_counts(RequestCounts())
         self._errors: defaultdict[str, int] = defaultdict(int)
         self._reloads: defaultdict[str, int] = defaultdict(int)
         self._upstream_opened: defaultdict[str, int] = defaultdict(int)
@@ -263,14 +250,13 @@ class GatewayMetrics:
         seconds: float,
         upstream_seconds: float | None,
     ) -> None:
-        self._requests[(route, service, status)] += 1
-        hist = self._route_hist[route]
-        hist[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        hist[_SUM] += seconds
-        if upstream_seconds is not None:
-            hist = self._upstream_hist[service]
-            hist[bisect_left(LATENCY_BUCKETS, upstream_seconds)] += 1
-            hist[_SUM] += upstream_seconds
+        self._counts.request(route, service, status, seconds, upstream_seconds)
+
+    def _set_counts(self, counts: RequestCounts) -> None:
+        self._counts = counts
+        # The data plane then calls the compiled method itself, without this
+        # class's interpreted frame (once per request).
+        self.request = counts.request  # type: ignore[method-assign]
 
     def connection_opened(self) -> None:
         self._open_connections += 1
@@ -319,15 +305,13 @@ class GatewayMetrics:
         """Move everything accumulated since the last flush into prometheus_client."""
         fam = _get_families()
 
-        requests, self._requests = self._requests, defaultdict(int)
-        for (route, service, status), count in requests.items():
+        counts = self._counts
+        self._set_counts(RequestCounts())
+        for (route, service, status), count in counts.requests.items():
             fam.requests.labels(route, service, str(status)).inc(count)
-
-        route_hist, self._route_hist = self._route_hist, defaultdict(_new_hist)
-        for route, slots in route_hist.items():
+        for route, slots in counts.route_hist.items():
             add_observations(fam.request_duration.labels(route), slots)
-        upstream_hist, self._upstream_hist = self._upstream_hist, defaultdict(_new_hist)
-        for service, slots in upstream_hist.items():
+        for service, slots in counts.upstream_hist.items():
             add_observations(fam.upstream_duration.labels(service), slots)
 
         errors, self._errors = self._errors, defaultdict(int)

@@ -25,6 +25,9 @@ class ConnectionPool:
         self.idle: list[UpstreamConnection] = []
         self.open = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        # Remembered: asyncio.get_running_loop() costs a getpid() system call on
+        # Python 3.11, and release() runs once per proxied request.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def in_use(self) -> int:
@@ -90,7 +93,10 @@ class ConnectionPool:
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         conn.owner = None
         if reusable and not conn.closed and len(self.idle) < self.config.max_idle:
-            conn.idle_since = asyncio.get_running_loop().time()
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            conn.idle_since = loop.time()
             self.idle.append(conn)
             self._wake()
         else:
