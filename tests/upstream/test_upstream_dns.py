@@ -16,7 +16,7 @@ from dnslib.server import DNSLogger, DNSServer
 from structlog.testing import capture_logs
 
 from tollway.config.upstream_schema import DnsDiscovery
-from tollway.upstream.discovery import DnsWatcher
+from tollway.upstream.dns_watcher import DnsWatcher
 from tollway.upstream.service import Target
 
 

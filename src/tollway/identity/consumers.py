@@ -15,12 +15,12 @@ from typing import Any, Final, Literal
 from uuid import UUID
 
 from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tollway.identity.changes import record_change
 from tollway.identity.errors import Conflict, InvalidInput, NotFound
+from tollway.storage.database import insert_for
 from tollway.storage.models import ApiKey, Consumer, utcnow
 from tollway.storage.pagination import DEFAULT_LIMIT, Page, keyset_page
 
@@ -134,8 +134,11 @@ async def create_or_get(
     # ON CONFLICT DO NOTHING rather than catching IntegrityError: a failed insert
     # would abort a PostgreSQL transaction the caller may still want to use.
     dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(Consumer).values(**values).on_conflict_do_nothing(index_elements=[Consumer.email])
+    stmt = (
+        insert_for(dialect, Consumer)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=[Consumer.email])
+    )
     result = await session.execute(stmt)
     created = bool(getattr(result, "rowcount", 0))
     consumer = await session.scalar(select(Consumer).where(Consumer.email == normalized))

@@ -13,11 +13,9 @@ import hashlib
 import hmac
 
 from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from tollway.identity.apikeys import PepperError
-from tollway.storage.database import Database
+from tollway.storage.database import Database, insert_for
 from tollway.storage.models import InstanceSetting
 
 SETTING = "key_pepper_fingerprint"
@@ -35,11 +33,10 @@ def fingerprint(pepper: bytes) -> str:
 async def verify_pepper(database: Database, pepper: bytes) -> None:
     """Record the pepper's fingerprint on first use; raise PepperMismatch if it differs."""
     mine = fingerprint(pepper)
-    insert = pg_insert if database.dialect == "postgresql" else sqlite_insert
     async with database.sessions() as session:
         # Insert-if-absent, then read: two nodes starting at once agree on one value.
         await session.execute(
-            insert(InstanceSetting)
+            insert_for(database.dialect, InstanceSetting)
             .values(name=SETTING, value=mine)
             .on_conflict_do_nothing(index_elements=["name"])
         )

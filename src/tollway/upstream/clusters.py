@@ -21,7 +21,6 @@ import structlog
 from tollway.upstream.active_check import ActiveChecker
 from tollway.upstream.circuit_share import CircuitShare
 from tollway.upstream.cluster import Cluster
-from tollway.upstream.discovery import DnsWatcher
 from tollway.upstream.registrations import RegistrationStore, RegistrationWatcher
 from tollway.upstream.service import Service, Target
 from tollway.upstream.stats import UpstreamStats
@@ -30,6 +29,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from tollway.storage.database import Database
+    from tollway.upstream.dns_watcher import DnsWatcher
 
 log = structlog.get_logger("tollway.upstream")
 
@@ -114,6 +114,9 @@ class ClusterManager:
             if dns is None:
                 cluster.set_targets("dns", ())
         if dns is not None and watcher is None:
+            # Imported here: dnspython is loaded only when a service asks for DNS.
+            from tollway.upstream.dns_watcher import DnsWatcher
+
             watcher = self._dns[cluster.name] = DnsWatcher(cluster.name, dns, self._dns_changed)
             watcher.start()
 

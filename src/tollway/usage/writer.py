@@ -39,14 +39,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Table, select, text
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DataError, DBAPIError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import Insert
 
-from tollway.storage.database import Database
+from tollway.storage.database import Database, insert_for
 from tollway.storage.models import (
     LATENCY_BUCKET_BOUNDS_MS,
     LATENCY_BUCKET_COLUMNS,
@@ -227,7 +225,7 @@ def rollup_rows(rows: list[Row]) -> list[dict[str, Any]]:
 
 
 def _upsert(dialect: str) -> Insert:
-    stmt = pg_insert(HOURLY) if dialect == "postgresql" else sqlite_insert(HOURLY)
+    stmt = insert_for(dialect, HOURLY)
     # Added in the database, not read-modify-written here: exact with many writers.
     return stmt.on_conflict_do_update(
         index_elements=[HOURLY.c[c] for c in _PK],
