@@ -134,7 +134,7 @@ def test_one_writer_shared_across_snapshots(tmp_path: Path) -> None:
     out = tmp_path / "d.log"
     old = plugin(out)
     new = plugin(str(tmp_path / "." / "d.log"))
-    assert old._writer is new._writer
+    assert old._engine.writer is new._engine.writer
     old.log(finished_ctx())
     old.close()  # the old snapshot retires; the new one keeps writing
     new.log(finished_ctx())
