@@ -21,7 +21,7 @@ COMPILED := \
 	tollway/limits/decision.py tollway/limits/concurrency.py tollway/limits/stats.py \
 	tollway/limits/service.py tollway/limits/redis_store.py tollway/plugins/rate_limit_engine.py \
 	tollway/plugins/key_auth_engine.py tollway/observability/request_counts.py tollway/gateway/ids.py \
-	tollway/plugins/access_log_engine.py
+	tollway/plugins/access_log_engine.py tollway/plugins/cors_engine.py tollway/plugins/request_id_engine.py
 # Compiled code is checked against the types of everything it imports: any source
 # change (or a change of this list) rebuilds.
 SOURCES := $(shell find src/tollway -name '*.py')

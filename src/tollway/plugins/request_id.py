@@ -18,9 +18,9 @@ import re
 from pydantic import Field, field_validator
 
 from tollway.config.schema import Regex
-from tollway.gateway.context import RequestContext, Response, ResponseHead, header_set
-from tollway.gateway.ids import new_request_id
+from tollway.gateway.context import RequestContext, Response, ResponseHead
 from tollway.plugins.base import Plugin, PluginConfig, register
+from tollway.plugins.request_id_engine import RequestIdEngine
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
@@ -48,35 +48,18 @@ class RequestId(Plugin[RequestIdConfig]):
 
     def __init__(self, config: RequestIdConfig) -> None:
         super().__init__(config)
-        # Context header names are lower-case bytes; compute the key once.
-        self._header = config.header_name.lower().encode("ascii")
-        self._pattern = re.compile(config.pattern)
-
-    def _accept(self, raw: bytes | None) -> str | None:
-        if raw is None:
-            return None
-        try:
-            value = raw.decode("ascii")
-        except UnicodeDecodeError:
-            return None
-        # Reject control characters even if a custom pattern would allow them:
-        # the id is written back into header lines.
-        if not value.isprintable() or self._pattern.fullmatch(value) is None:
-            return None
-        return value
+        self._engine = RequestIdEngine(
+            config.header_name.lower().encode("ascii"),
+            re.compile(config.pattern),
+            config.echo_downstream,
+        )
+        # The pipeline calls the compiled hooks themselves (the class still defines
+        # them: that is what the pipeline looks for).
+        self.access = self._engine.access  # type: ignore[method-assign]
+        self.response_headers = self._engine.response_headers  # type: ignore[method-assign]
 
     def access(self, ctx: RequestContext) -> Response | None:
-        raw = ctx.header(self._header)
-        request_id = ctx.request_id or new_request_id()
-        if raw is None:
-            # Nothing to replace: skip header_set's rebuild of the header list.
-            ctx.headers.append((self._header, request_id.encode("ascii")))
-        else:
-            request_id = self._accept(raw) or request_id
-            header_set(ctx.headers, self._header, request_id.encode("ascii"))
-        ctx.request_id = request_id
-        return None
+        return self._engine.access(ctx)
 
     def response_headers(self, ctx: RequestContext, head: ResponseHead) -> None:
-        if self.config.echo_downstream and ctx.request_id is not None:
-            header_set(head.headers, self._header, ctx.request_id.encode("ascii", "replace"))
+        self._engine.response_headers(ctx, head)
