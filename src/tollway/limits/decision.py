@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # retry_after for a request that can never pass: its cost is larger than the
@@ -58,3 +59,46 @@ class Decision:
 def check_cost(cost: int) -> None:
     if cost < 0:
         raise ValueError(f"cost must be >= 0, not {cost}")
+
+
+def per_limit_costs(cost: int | Sequence[int], count: int) -> tuple[int, ...]:
+    """One cost per limit: the same for all, or given one by one."""
+    if isinstance(cost, int):
+        return (cost,) * count
+    costs = tuple(cost)
+    if len(costs) != count:
+        raise ValueError("one cost per limit")
+    return costs
+
+
+def reported_index(decisions: Sequence[Decision], allowed: bool) -> int:
+    """The window to report: when allowed, the one with the least remaining (ties to
+    the longest reset); when refused, the refusing one with the longest wait (ties
+    to the least remaining). The first wins a full tie. Written as loops (no key
+    functions): it runs on every limited request."""
+    if allowed:
+        best = 0
+        for i in range(1, len(decisions)):
+            d = decisions[i]
+            b = decisions[best]
+            if d.remaining < b.remaining or (
+                d.remaining == b.remaining and d.reset_after > b.reset_after
+            ):
+                best = i
+        return best
+    best = -1
+    for i in range(len(decisions)):
+        d = decisions[i]
+        if d.allowed:
+            continue
+        if best < 0:
+            best = i
+            continue
+        b = decisions[best]
+        if d.retry_after > b.retry_after or (
+            d.retry_after == b.retry_after and d.remaining < b.remaining
+        ):
+            best = i
+    if best < 0:
+        raise ValueError("a refusal needs a refusing decision")
+    return best

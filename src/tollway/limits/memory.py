@@ -27,7 +27,7 @@ from typing import cast
 
 from tollway.limits import multi
 from tollway.limits.concurrency import Concurrency, ConcurrencyState, acquire, release
-from tollway.limits.decision import Decision
+from tollway.limits.decision import Decision, per_limit_costs
 from tollway.limits.gcra import Gcra, GcraState, gcra, gcra_expires_at
 from tollway.limits.multi import Limit, MultiDecision, State
 from tollway.limits.stats import LimitStats
@@ -177,7 +177,7 @@ class MemoryLimiter:
         elif type(cost) is tuple and len(cost) == count:
             costs = cost
         else:
-            costs = multi.per_limit_costs(cost, count)
+            costs = per_limit_costs(cost, count)
         held_states = self._states
         slots = plan.slots
         kinds = plan.kinds

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from tollway.limits.decision import Decision
+from tollway.limits.decision import Decision, per_limit_costs, reported_index
 from tollway.limits.gcra import Gcra, GcraState, gcra, gcra_expires_at, gcra_refund
 from tollway.limits.windows import (
     FixedState,
@@ -72,16 +72,6 @@ def _slots(limits: Sequence[Limit]) -> tuple[str, ...]:
     if len(set(ids)) != len(ids):
         raise ValueError(f"two limits of one check share a counter: {ids}")
     return ids
-
-
-def per_limit_costs(cost: int | Sequence[int], count: int) -> tuple[int, ...]:
-    """One cost per limit: the same for all, or given one by one."""
-    if isinstance(cost, int):
-        return (cost,) * count
-    costs = tuple(cost)
-    if len(costs) != count:
-        raise ValueError("one cost per limit")
-    return costs
 
 
 def initial_state(limit: Limit) -> State:
@@ -155,20 +145,6 @@ class MultiDecision:
     reported: int
     refused_by: int | None
     decisions: tuple[Decision, ...]
-
-
-def reported_index(decisions: Sequence[Decision], allowed: bool) -> int:
-    """The window to report: when allowed, the one with the least remaining (ties to
-    the longest reset); when refused, the refusing one with the longest wait."""
-    if allowed:
-        if len(decisions) == 1:
-            return 0
-        return min(
-            range(len(decisions)),
-            key=lambda i: (decisions[i].remaining, -decisions[i].reset_after),
-        )
-    refused = [i for i, d in enumerate(decisions) if not d.allowed]
-    return max(refused, key=lambda i: (decisions[i].retry_after, -decisions[i].remaining))
 
 
 def check_all(

@@ -45,7 +45,7 @@ from typing import Any
 
 from tollway.limits import multi
 from tollway.limits.concurrency import Concurrency, ConcurrencyState, acquire
-from tollway.limits.decision import Decision, check_cost
+from tollway.limits.decision import Decision, check_cost, per_limit_costs, reported_index
 from tollway.limits.errors import LimiterUnavailable
 from tollway.limits.gcra import Gcra, GcraState
 from tollway.limits.memory import Charge, Key, LimitResult
@@ -316,7 +316,7 @@ class RedisLimiter:
         if not isinstance(limits, tuple):  # a multi.Windows is kept: it holds its plan
             limits = tuple(limits)
         plan = self._plan(limits)
-        costs = multi.per_limit_costs(cost, len(limits))
+        costs = per_limit_costs(cost, len(limits))
         at = (self._wall_clock() if now is None else now) if plan.calendar else 0.0
         specs = plan.encoded_specs(costs, self._calendar, at)
         keys = self._keys.get((key, plan.slots))
@@ -344,7 +344,7 @@ class RedisLimiter:
             states.append(state_of(reply[i + 5], reply[i + 6], reply[i + 7]))
             i += _FIELDS
         allowed = reply[0] == 1.0
-        reported = multi.reported_index(decisions, allowed)
+        reported = reported_index(decisions, allowed)
         charge = Charge(key, limits, costs, tuple(states)) if allowed else None
         return LimitResult(
             allowed,
@@ -460,7 +460,8 @@ class RedisLimiter:
         try:
             missing = False
             try:
-                reply = await client.execute(frame)
+                sent = client.send_now(frame)
+                reply = await (sent if sent is not None else client.execute(frame))
             except NoScriptError:
                 missing = True
             if missing:

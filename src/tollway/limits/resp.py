@@ -410,6 +410,12 @@ class RespClient:
         RespConnectionError/RespTimeoutError when Redis did not answer."""
         return await self.execute(encode_command(args))
 
+    def send_now(self, frame: bytes) -> asyncio.Future[Reply] | None:
+        """The reply's future when a connection is open, else None (then execute()
+        connects). No coroutine in between: the limit store sends once per request."""
+        conn = self._conn
+        return None if conn is None else conn.send(frame)
+
     async def execute(self, frame: bytes) -> Reply:
         """Send one pre-encoded command frame (encode_command, or pieces from bulk())."""
         conn = self._conn
