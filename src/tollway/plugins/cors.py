@@ -16,6 +16,8 @@ instead unless that is really meant.
 
 Regex entries (prefix `~`) must match the whole origin (unlike Kong, which searches),
 so `~https://.*\\.example\\.com` cannot be satisfied by `https://example.com.evil`.
+
+The hooks run compiled, in cors_engine.py; this module holds the schema.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from tollway.plugins.base import Plugin, PluginConfig, register
 from tollway.plugins.cors_engine import CorsEngine
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
 def _normalise_origin(origin: str) -> str:
     # Browsers send scheme and host lower-case and never a trailing slash; configs
     # are typed by humans, so normalise them to what will be compared.

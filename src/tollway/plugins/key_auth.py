@@ -61,6 +61,7 @@ SPOOFABLE = (
     "x-credential-identifier",
     "x-anonymous-consumer",
 )
+
 __all__ = ["KEY_PREFIX", "SPOOFABLE", "KeyAuth", "KeyAuthConfig", "take_query_param"]
 
 

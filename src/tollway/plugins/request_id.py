@@ -8,7 +8,8 @@ The server mints an id for every request (gateway/ids.py), so that even errors
 before any plugin carry one; this plugin forwards it upstream, echoes it, and lets
 a client's own id replace it. A client-supplied id is kept only when it matches
 `pattern`: the id ends up in log lines, upstream headers and error bodies, so
-free-form client input is not trusted.
+free-form client input is not trusted. The hooks run compiled, in
+request_id_engine.py; this module holds the schema.
 """
 
 from __future__ import annotations
