@@ -30,7 +30,12 @@ def header_get(headers: Headers, name: bytes) -> bytes | None:
 
 def header_remove(headers: Headers, name: bytes) -> None:
     """Remove every occurrence of `name` (lower-case), in place."""
-    headers[:] = [(k, v) for k, v in headers if k != name]
+    for pair in headers:
+        if pair[0] == name:
+            # Rebuilt only when the name is there (mostly it is not), keeping the
+            # pairs themselves.
+            headers[:] = [h for h in headers if h[0] != name]
+            return
 
 
 def header_set(headers: Headers, name: bytes, value: bytes) -> None:

@@ -222,7 +222,7 @@ class Exchange:
         self.connection = None
         if drop is not base:
             named = drop - base
-            self.ctx.headers[:] = [(k, v) for k, v in self.ctx.headers if k not in named]
+            self.ctx.headers[:] = [h for h in self.ctx.headers if h[0] not in named]
 
     async def _await_access(self, pending: Awaitable[Response | None]) -> None:
         ctx = self.ctx
@@ -689,7 +689,7 @@ class Exchange:
             filters = chain.run_response_headers(ctx, head)
         no_body = ctx.method == "HEAD" or head.status in NO_BODY_STATUS or head.status < 200
         drop = DOWNSTREAM_HOPS.drop(self.resp_connection)
-        headers = [(k, v) for k, v in head.headers if k not in drop]
+        headers = [h for h in head.headers if h[0] not in drop]
         if filters is not None and not no_body:
             self.filters = filters
             content_length = None
@@ -862,7 +862,7 @@ class Exchange:
         if ctx.response_headers:
             head.headers.extend(ctx.response_headers)
         active_chain(ctx, self.chain).run_response_headers(ctx, head)
-        out = [(k, v) for k, v in head.headers if k not in HOP_BY_HOP]
+        out = [h for h in head.headers if h[0] not in HOP_BY_HOP]
         assert self.upgrade is not None
         out += [(b"connection", b"upgrade"), (b"upgrade", self.upgrade)]
         self.response_started = True

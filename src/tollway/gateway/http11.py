@@ -244,10 +244,27 @@ class DateCache:
 DATE = DateCache()
 
 
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    line = _STATUS_LINES.get((status, reason))
+    if line is None:
+        text = reason or REASONS.get(status, b"")
+        line = b"HTTP/1.1 " + str(status).encode() + b" " + text + b"\r\n"
+        if len(_STATUS_LINES) < 512:  # reasons come from upstreams: keep it bounded
+            _STATUS_LINES[(status, reason)] = line
+    return line
+
+
 def render_head(status: int, reason: bytes, headers: Headers, extra: bytes = b"") -> bytes:
     """A response head; `extra` is header lines already rendered (each ends CRLF)."""
-    parts = [b"HTTP/1.1 ", str(status).encode(), b" ", reason or REASONS.get(status, b""), b"\r\n"]
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    parts += (extra, b"\r\n")
+    parts = [_status_line(status, reason)]
+    for pair in headers:
+        parts.append(pair[0])
+        parts.append(b": ")
+        parts.append(pair[1])
+        parts.append(b"\r\n")
+    parts.append(extra)
+    parts.append(b"\r\n")
     return b"".join(parts)
