@@ -7,8 +7,11 @@ PostgreSQL (asyncpg) with the same models and migrations.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import sqlite3
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +24,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.util.concurrency import await_
 
 if TYPE_CHECKING:
     from sqlalchemy.dialects.postgresql import Insert as PgInsert
@@ -58,10 +62,22 @@ def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -
     # the switch needs the database to itself, and SQLite does not always wait for
     # that (a second upgrader connecting while the first holds the write lock was
     # refused at once with "database is locked" under load).
-    cursor.execute("PRAGMA journal_mode")
-    row = cursor.fetchone()
-    if row is None or str(row[0]).lower() != "wal":
-        cursor.execute("PRAGMA journal_mode=WAL")
+    # Even then, a connection made while another one switches a new file to WAL can
+    # be refused at once (SQLite skips the busy handler there): retry that briefly.
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode")
+            row = cursor.fetchone()
+            if row is None or str(row[0]).lower() != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            # This listener runs in SQLAlchemy's greenlet on the event loop: wait
+            # through it, not with time.sleep, which would stall every request.
+            await_(asyncio.sleep(0.02))
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
