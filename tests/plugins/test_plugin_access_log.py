@@ -12,7 +12,7 @@ from plugin_helpers import build_ctx
 from pydantic import ValidationError
 
 from tollway.gateway.context import RequestContext
-from tollway.plugins import access_log
+from tollway.plugins import access_log, access_log_engine
 from tollway.plugins.access_log import FIELDS, AccessLog, AccessLogConfig
 
 
@@ -105,7 +105,7 @@ async def test_lines_are_buffered_on_the_loop_and_flushed_later(tmp_path: Path) 
         for _ in range(3):
             p.log(finished_ctx())
         assert out.read_text() == ""
-        writer = access_log._WRITERS[str(out)]
+        writer = access_log_engine.WRITERS[str(out)]
         timer = writer._timer
         assert timer is not None
         assert timer.when() - asyncio.get_running_loop().time() <= access_log.FLUSH_SECONDS
@@ -140,7 +140,7 @@ def test_one_writer_shared_across_snapshots(tmp_path: Path) -> None:
     new.log(finished_ctx())
     new.close()
     assert len(lines(out)) == 2
-    assert str(out) not in access_log._WRITERS
+    assert str(out) not in access_log_engine.WRITERS
     new.log(finished_ctx())  # after close: dropped, no error
 
 

@@ -34,7 +34,6 @@ from tollway.plugins.access_log_engine import (
     FIELDS,
     FLUSH_BYTES,
     FLUSH_SECONDS,
-    WRITERS,
     AccessLogEngine,
     acquire_writer,
     flush_all,
@@ -46,13 +45,10 @@ __all__ = [
     "FIELDS",
     "FLUSH_BYTES",
     "FLUSH_SECONDS",
-    "_WRITERS",
     "AccessLog",
     "AccessLogConfig",
     "flush_all",
 ]
-
-_WRITERS = WRITERS  # one writer per destination, shared by every snapshot's plugin
 
 
 class AccessLogConfig(PluginConfig):

@@ -175,7 +175,6 @@ class KeyAuth(Plugin[KeyAuthConfig]):
             missing = invalid = b'Key realm="' + realm + b'"'
         self._engine = KeyAuthEngine(
             key_names=key_names,
-            bearer=bearer,
             hide=config.hide_credentials,
             query_name=config.query_param.encode() if config.key_in_query else None,
             forward_names=forward_names,

@@ -46,7 +46,6 @@ class KeyAuthEngine:
         self,
         *,
         key_names: frozenset[bytes],
-        bearer: bool,
         hide: bool,
         query_name: bytes | None,
         forward_names: tuple[bytes | None, bytes | None, bytes | None],
@@ -58,7 +57,6 @@ class KeyAuthEngine:
         self.resolver: KeyResolver | None = None
         self.usage: UsageRecorder | None = None
         self._key_names = key_names
-        self._bearer = bearer
         self._hide = hide
         self._query_name = query_name
         self._query_marker = query_name + b"=" if query_name else b""
