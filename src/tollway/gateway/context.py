@@ -6,7 +6,9 @@ lower-cased once by the server so that every plugin can compare bytes directly.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +106,31 @@ class Response:
         return cls.error(
             err.code, request_id, err.message, err.details, err.status, list(err.headers)
         )
+
+
+class Deferred:
+    """An access hook's answer that waits on one future: a compiled hook's way to
+    wait without a task.
+
+    The data plane adds a done-callback to `future` and then calls resolve(), which
+    reads the future (its result or its failure) and answers like an access hook:
+    None to go on, a Response, or another Deferred or awaitable to wait on. Compared
+    with returning a coroutine, this saves the task (and asyncio's registration of
+    it in a WeakSet, interpreted) and one coroutine frame per layer between the
+    hook and the future. Subclasses live in compiled modules (a native class);
+    a plugin in plain Python returns an awaitable instead.
+    """
+
+    def __init__(self, future: asyncio.Future[Any]) -> None:
+        self.future = future
+
+    def resolve(self) -> AccessResult:
+        """Called once `future` is done (never before)."""
+        raise NotImplementedError
+
+
+# What an access hook returns (see gateway/pipeline.py).
+AccessResult = Response | Deferred | Awaitable[Response | None] | None
 
 
 @dataclass(slots=True, init=False)

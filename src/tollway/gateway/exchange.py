@@ -16,7 +16,7 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -29,6 +29,8 @@ from tollway.gateway.attempts import (
     retry_reason,
 )
 from tollway.gateway.context import (
+    AccessResult,
+    Deferred,
     Headers,
     RequestContext,
     Response,
@@ -80,6 +82,7 @@ class Exchange:
         "connection",
         "ctx",
         "deadline",
+        "deferred",
         "expect_continue",
         "filters",
         "finished",
@@ -130,6 +133,8 @@ class Exchange:
         self.connection: bytes | None = None
         self.expect_continue = expect_continue
         self.chain: Chain = snapshot.global_chain
+        # The access hook's Deferred while its future is pending.
+        self.deferred: Deferred | None = None
         self.service: Service | None = None
         self.timeouts = DEFAULT_TIMEOUTS
         self.upstream_path = ctx.path
@@ -200,13 +205,7 @@ class Exchange:
                     self.timeouts = route.timeouts
                 if route.chain is not None:
                     self.chain = route.chain
-            result = self.chain.run_access(ctx)
-            if result is None:
-                self._after_access()
-            elif isinstance(result, Response):
-                self.respond(result)
-            else:
-                self.conn.plane.spawn(self._await_access(result))
+            self._access_result(self.chain.run_access(ctx))
         except GatewayError as err:
             self.respond(Response.from_error(err, ctx.request_id))
         except Exception:  # the request boundary: a bug answers 500, never hangs
@@ -223,6 +222,36 @@ class Exchange:
         if drop is not base:
             named = drop - base
             self.ctx.headers[:] = [h for h in self.ctx.headers if h[0] not in named]
+
+    def _access_result(self, result: AccessResult) -> None:
+        if result is None:
+            self._after_access()
+        elif isinstance(result, Response):
+            self.respond(result)
+        elif isinstance(result, Deferred):
+            self.deferred = result
+            result.future.add_done_callback(self._deferred_done)
+        else:
+            self.conn.plane.spawn(self._await_access(result))
+
+    def _deferred_done(self, future: asyncio.Future[Any]) -> None:
+        deferred = self.deferred
+        if deferred is None or deferred.future is not future:
+            return
+        self.deferred = None
+        ctx = self.ctx
+        try:
+            # Resolved even when the client has gone: the hook may give back what
+            # it took (a rate limit's charge).
+            result = deferred.resolve()
+            if self.finished:
+                return
+            self._access_result(result)
+        except GatewayError as err:
+            self.respond(Response.from_error(err, ctx.request_id))
+        except Exception:
+            log.exception("request failed", request_id=ctx.request_id)
+            self.respond(Response.error("internal_error", ctx.request_id))
 
     async def _await_access(self, pending: Awaitable[Response | None]) -> None:
         ctx = self.ctx

@@ -13,13 +13,14 @@ variant for the hooks that remain.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import structlog
 
-from tollway.gateway.context import RequestContext, Response, ResponseHead
+from tollway.gateway.context import AccessResult, Deferred, RequestContext, Response, ResponseHead
 from tollway.plugins.base import BodyFilter, Plugin
 
 log = structlog.get_logger("tollway.pipeline")
@@ -108,8 +109,9 @@ class Chain:
 
     # ---- access -----------------------------------------------------------------
 
-    def run_access(self, ctx: RequestContext) -> Response | Awaitable[Response | None] | None:
-        """Run the access hooks. None: go on; Response: answer it; awaitable: wait."""
+    def run_access(self, ctx: RequestContext) -> AccessResult:
+        """Run the access hooks. None: go on; Response: answer it; a Deferred or an
+        awaitable: wait for it."""
         hooks = self.access_hooks
         for i, (priority, hook) in enumerate(hooks):
             result = hook(ctx)
@@ -121,6 +123,11 @@ class Chain:
                 continue
             if isinstance(result, Response):
                 return result
+            if isinstance(result, Deferred):
+                if i + 1 == len(hooks) and not self.by_consumer:
+                    # Nothing runs after it: the caller waits on the future itself.
+                    return result
+                return self._continue_async(ctx, settle(result), priority, i + 1)
             if inspect.isawaitable(result):
                 return self._continue_async(ctx, result, priority, i + 1)
             raise TypeError(f"access hook returned {type(result).__name__}")
@@ -199,10 +206,19 @@ class Chain:
             plugin.close()
 
 
-async def _resolve(value: Response | Awaitable[Response | None] | None) -> Response | None:
+async def _resolve(value: AccessResult) -> Response | None:
     if value is None or isinstance(value, Response):
         return value
+    if isinstance(value, Deferred):
+        return await settle(value)
     return await value
+
+
+async def settle(deferred: Deferred) -> Response | None:
+    """A Deferred waited on in a coroutine (when hooks still follow it)."""
+    # Waited on without raising its failure: resolve() reads that from the future.
+    await asyncio.wait((deferred.future,))
+    return await _resolve(deferred.resolve())
 
 
 def active_chain(ctx: RequestContext, default: Chain) -> Chain:

@@ -35,6 +35,7 @@ per-call deadline and no retries, because a StoreBreaker decides when to try aga
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import struct
 import time
@@ -317,42 +318,37 @@ class RedisLimiter:
             limits = tuple(limits)
         plan = self._plan(limits)
         costs = per_limit_costs(cost, len(limits))
+        frame = self._check_frame(plan, key, costs, now)
+        return _decode_check(plan, key, limits, costs, await self._run(_CHECK, frame))
+
+    def send_check(
+        self, key_parts: tuple[str, ...], limits: tuple[Limit, ...], costs: tuple[int, ...]
+    ) -> SentCheck | None:
+        """check() without a coroutine: the CHECK goes out now on the open connection
+        and SentCheck.result() decodes its reply once the future is done. None when
+        no connection is open yet (then call check(), which connects). `costs` has
+        one cost per limit."""
+        client = self.client
+        if not client.connected:
+            return None
+        plan = self._plan(limits)
+        sent = client.send_now(self._check_frame(plan, key_parts, costs, None))
+        if sent is None:
+            return None
+        return SentCheck(sent, plan, key_parts, limits, costs)
+
+    def _check_frame(
+        self, plan: _Plan, key: Key, costs: tuple[int, ...], now: float | None
+    ) -> bytes:
         at = (self._wall_clock() if now is None else now) if plan.calendar else 0.0
         specs = plan.encoded_specs(costs, self._calendar, at)
         keys = self._keys.get((key, plan.slots))
         if keys is None:
             keys = self._encoded_keys(key, plan.slots)
-        frame = b"".join(
+        return b"".join(
             (plan.head, keys, _NOW_REDIS if now is None else bulk(repr(float(now))),
              plan.count, specs)
         )  # fmt: skip
-        reply = _doubles(plan.reply, await self._run(_CHECK, frame))
-
-        decisions: list[Decision] = []
-        states: list[State] = []
-        i = 1
-        for state_of in plan.state_of:
-            decisions.append(
-                Decision(
-                    reply[i] == 1.0,
-                    int(reply[i + 1]),
-                    int(reply[i + 2]),
-                    reply[i + 3],
-                    reply[i + 4],
-                )
-            )
-            states.append(state_of(reply[i + 5], reply[i + 6], reply[i + 7]))
-            i += _FIELDS
-        allowed = reply[0] == 1.0
-        reported = reported_index(decisions, allowed)
-        charge = Charge(key, limits, costs, tuple(states)) if allowed else None
-        return LimitResult(
-            allowed,
-            decisions[reported],
-            None if allowed else limits[reported],
-            tuple(decisions),
-            charge,
-        )
 
     async def refund(
         self, charge: Charge, cost: int | None = None, *, now: float | None = None
@@ -473,6 +469,72 @@ class RedisLimiter:
         except (RespClientError, OSError) as exc:
             raise _unavailable(exc) from exc
         return reply
+
+
+class SentCheck:
+    """A CHECK sent by RedisLimiter.send_check: the reply's future and its decoding."""
+
+    def __init__(
+        self,
+        future: asyncio.Future[Reply],
+        plan: _Plan,
+        key: Key,
+        limits: tuple[Limit, ...],
+        costs: tuple[int, ...],
+    ) -> None:
+        self.future = future
+        self.plan = plan
+        self.key = key
+        self.limits = limits
+        self.costs = costs
+        self.started = time.perf_counter()
+
+    def result(self) -> LimitResult | None:
+        """The decision, once the future is done. None when Redis did not know the
+        script (NOSCRIPT: nothing ran; check() loads it and checks again);
+        LimiterUnavailable when Redis failed."""
+        future = self.future
+        if future.cancelled():
+            raise LimiterUnavailable("redis limit store: the call was cancelled")
+        exc = future.exception()
+        if exc is not None:
+            if isinstance(exc, NoScriptError):
+                return None
+            if isinstance(exc, (RespClientError, OSError)):
+                raise _unavailable(exc)
+            raise exc
+        return _decode_check(self.plan, self.key, self.limits, self.costs, future.result())
+
+
+def _decode_check(
+    plan: _Plan, key: Key, limits: tuple[Limit, ...], costs: tuple[int, ...], raw: Reply
+) -> LimitResult:
+    reply = _doubles(plan.reply, raw)
+    decisions: list[Decision] = []
+    states: list[State] = []
+    i = 1
+    for state_of in plan.state_of:
+        decisions.append(
+            Decision(
+                reply[i] == 1.0,
+                int(reply[i + 1]),
+                int(reply[i + 2]),
+                reply[i + 3],
+                reply[i + 4],
+            )
+        )
+        states.append(state_of(reply[i + 5], reply[i + 6], reply[i + 7]))
+        i += _FIELDS
+    allowed = reply[0] == 1.0
+    reported = reported_index(decisions, allowed)
+    charge = Charge(key, limits, costs, tuple(states)) if allowed else None
+    return LimitResult(
+        allowed,
+        decisions[reported],
+        None if allowed else limits[reported],
+        tuple(decisions),
+        charge,
+    )
 
 
 def _array(reply: Reply) -> list[Any]:

@@ -29,7 +29,7 @@ from tollway.limits.multi import Limit
 from tollway.limits.stats import LimitStats
 
 if TYPE_CHECKING:  # redis-py is imported only where Redis is configured
-    from tollway.limits.redis_store import RedisLease, RedisLimiter
+    from tollway.limits.redis_store import RedisLease, RedisLimiter, SentCheck
 
 
 def scaled(limit: Limit, share: float) -> Limit:
@@ -89,6 +89,31 @@ class LimitService:
             raise
         self.breaker.success()
         self.stats.observe("redis", time.perf_counter() - started)
+        return result
+
+    def send_check(
+        self, key: tuple[str, ...], limits: tuple[Limit, ...], costs: tuple[int, ...]
+    ) -> SentCheck | None:
+        """check_shared() without a coroutine: the check is sent now; None when no
+        Redis connection is open yet (call check_shared). Call only after
+        store_ready() said True; then sent_result() once its future is done."""
+        redis = self.redis
+        assert redis is not None
+        return redis.send_check(key, limits, costs)
+
+    def sent_result(self, sent: SentCheck) -> LimitResult | None:
+        """The decision of a sent check, counted like check_shared's (breaker,
+        latency); LimiterUnavailable when Redis failed; None when Redis did not
+        know the script (nothing ran: check_shared loads it and checks again)."""
+        try:
+            result = sent.result()
+        except LimiterUnavailable:
+            self.breaker.failure()
+            self.stats.store_event("redis", "error")
+            raise
+        if result is not None:
+            self.breaker.success()
+            self.stats.observe("redis", time.perf_counter() - sent.started)
         return result
 
     async def acquire_shared(

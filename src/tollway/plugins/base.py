@@ -9,7 +9,9 @@ limits, and its response header is set before the access log reads it.
 Phases, in order:
 - access(ctx): before the upstream is called. Return None to go on, or a
   `Response` to answer at once. May return an awaitable (Redis, database); the
-  pipeline only leaves the synchronous fast path when one does.
+  pipeline only leaves the synchronous fast path when one does. A compiled engine
+  may return a `Deferred` instead (context.py): one future and a resolve() the
+  data plane calls from the future's callback, with no task.
 - response_headers(ctx, head): mutate the status/headers about to go to the client,
   for upstream and gateway-made responses alike.
 - body_filter(ctx, head): return a `BodyFilter` to rewrite the response body
@@ -22,12 +24,11 @@ Plugins keep per-request state only in `ctx.vars`, keyed by their name.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from tollway.gateway.context import RequestContext, Response, ResponseHead
+from tollway.gateway.context import AccessResult, RequestContext, ResponseHead
 
 if TYPE_CHECKING:
     from tollway.runtime import Runtime
@@ -40,9 +41,6 @@ class PluginConfig(BaseModel):
 
 
 ConfigT = TypeVar("ConfigT", bound=PluginConfig)
-
-AccessResult = Response | None | Awaitable[Response | None]
-
 
 class BodyFilter:
     """Rewrites a response body chunk by chunk."""

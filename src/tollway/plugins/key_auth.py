@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator, model_validator
 
-from tollway.gateway.context import RequestContext
-from tollway.plugins.base import AccessResult, Plugin, PluginConfig, register
+from tollway.gateway.context import AccessResult, RequestContext
+from tollway.plugins.base import Plugin, PluginConfig, register
 from tollway.plugins.key_auth_engine import KEY_PREFIX, KeyAuthEngine, take_query_param
 
 if TYPE_CHECKING:

@@ -44,9 +44,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tollway.gateway.context import RequestContext
+from tollway.gateway.context import AccessResult, RequestContext
 from tollway.limits.windows import Per, window_bounds
-from tollway.plugins.base import AccessResult, Plugin, PluginConfig, register
+from tollway.plugins.base import Plugin, PluginConfig, register
 from tollway.plugins.rate_limit_engine import PERIODS, RateLimitEngine, Window, needs_log_phase
 
 if TYPE_CHECKING:

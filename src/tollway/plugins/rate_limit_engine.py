@@ -10,13 +10,12 @@ generator expressions, which cost a frame each in compiled code as in Python.
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import structlog
 
-from tollway.gateway.context import RequestContext, Response
+from tollway.gateway.context import AccessResult, Deferred, RequestContext, Response
 from tollway.limits.concurrency import Concurrency
 from tollway.limits.decision import Decision
 from tollway.limits.errors import LimiterUnavailable
@@ -28,7 +27,7 @@ from tollway.limits.windows import PERS, FixedWindow, Per, SlidingWindow
 
 if TYPE_CHECKING:
     from tollway.limits.plans import PlanBook
-    from tollway.limits.redis_store import RedisLease
+    from tollway.limits.redis_store import RedisLease, SentCheck
 
 log = structlog.get_logger("tollway.rate_limit")
 
@@ -290,7 +289,7 @@ class RateLimitEngine:
 
     # ---- access ------------------------------------------------------------------
 
-    def access(self, ctx: RequestContext) -> Response | Awaitable[Response | None] | None:
+    def access(self, ctx: RequestContext) -> AccessResult:
         service = self.service
         if service is None:  # never bound: not a running gateway
             return Response.error("limiter_unavailable", ctx.request_id)
@@ -302,6 +301,10 @@ class RateLimitEngine:
             return self.check_local(ctx, service, key, limit_set, False)
         if not service.store_ready():
             return self.store_down(ctx, service, key, limit_set)
+        if limit_set is not None and self.concurrency is None:
+            sent = service.send_check(key, limit_set.limits, limit_set.costs)
+            if sent is not None:
+                return SharedCheck(self, ctx, service, key, limit_set, sent)
         return self.check_shared(ctx, service, key, limit_set)
 
     def check_local(
@@ -484,6 +487,42 @@ _KINDS: Final[dict[str, int]] = {
     "key": KEY_KEY,
     "route": KEY_ROUTE,
 }
+
+
+class SharedCheck(Deferred):
+    """The windows' check in Redis, waited on without a task (gateway/context.py's
+    Deferred): resolve() decides once the reply is in. Only for routes without a
+    concurrency limit, whose slot is a second call after the windows pass."""
+
+    def __init__(
+        self,
+        engine: RateLimitEngine,
+        ctx: RequestContext,
+        service: LimitService,
+        key: tuple[str, ...],
+        limit_set: LimitSet,
+        sent: SentCheck,
+    ) -> None:
+        super().__init__(sent.future)
+        self.engine = engine
+        self.ctx = ctx
+        self.service = service
+        self.key = key
+        self.limit_set = limit_set
+        self.sent = sent
+
+    def resolve(self) -> AccessResult:
+        engine = self.engine
+        ctx = self.ctx
+        service = self.service
+        try:
+            result = service.sent_result(self.sent)
+        except LimiterUnavailable as exc:
+            log.warning("rate limit store failed", error=str(exc), request_id=ctx.request_id)
+            return engine.store_down(ctx, service, self.key, self.limit_set)
+        if result is None:  # NOSCRIPT: nothing ran; check_shared loads the script
+            return engine.check_shared(ctx, service, self.key, self.limit_set)
+        return engine.decide(ctx, service, result, self.limit_set, True)
 
 
 def window_index(result: LimitResult, limit_set: LimitSet) -> int:
