@@ -19,7 +19,7 @@ COMPILED := \
 	tollway/upstream/stats.py \
 	tollway/limits/gcra.py tollway/limits/memory.py tollway/limits/windows.py \
 	tollway/limits/decision.py tollway/limits/concurrency.py tollway/limits/stats.py \
-	tollway/limits/service.py tollway/limits/redis_store.py tollway/plugins/rate_limit_engine.py \
+	tollway/limits/service.py tollway/limits/redis_store.py tollway/limits/resp.py tollway/plugins/rate_limit_engine.py \
 	tollway/plugins/key_auth_engine.py tollway/observability/request_counts.py tollway/gateway/ids.py \
 	tollway/plugins/access_log_engine.py tollway/plugins/cors_engine.py tollway/plugins/request_id_engine.py
 # Compiled code is checked against the types of everything it imports: any source

@@ -35,8 +35,19 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
-from typing import Any, cast
+from typing import Any, Final, cast
 from urllib.parse import unquote, urlsplit
+
+# The exceptions live in a module of plain Python: as native classes (this module
+# is compiled) their instances crashed the garbage collector.
+from tollway.limits.resp_errors import (
+    NoScriptError,
+    RespClientError,
+    RespConnectionError,
+    RespError,
+    RespProtocolError,
+    RespTimeoutError,
+)
 
 Reply = bytes | int | list[Any] | None
 Arg = bytes | str | int
@@ -44,39 +55,21 @@ Arg = bytes | str | int
 _CRLF = b"\r\n"
 _DEFAULT_PORT = 6379
 
-
-class RespClientError(Exception):
-    """Base of everything this client raises."""
-
-
-class RespError(RespClientError):
-    """An error reply from Redis (`-ERR ...`); `message` is its text."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    @staticmethod
-    def of(message: str) -> RespError:
-        if message.startswith("NOSCRIPT"):
-            return NoScriptError(message)
-        return RespError(message)
-
-
-class NoScriptError(RespError):
-    """EVALSHA of a script the server does not hold (restarted, flushed)."""
-
-
-class RespConnectionError(RespClientError):
-    """No answer from Redis: cannot connect, connection lost or dropped."""
-
-
-class RespTimeoutError(RespConnectionError):
-    """A call (or the connect) got no reply within its deadline."""
-
-
-class RespProtocolError(RespConnectionError):
-    """Bytes that are not RESP2, or a reply nobody asked for."""
+__all__ = [
+    "Arg",
+    "NoScriptError",
+    "Parser",
+    "Reply",
+    "RespClient",
+    "RespClientError",
+    "RespConnectionError",
+    "RespError",
+    "RespProtocolError",
+    "RespTimeoutError",
+    "array_header",
+    "bulk",
+    "encode_command",
+]
 
 
 # -- encoding ---------------------------------------------------------------------
@@ -105,11 +98,10 @@ def encode_command(args: tuple[Arg, ...] | list[Arg]) -> bytes:
 # -- parsing ----------------------------------------------------------------------
 
 
-class _Incomplete(Exception):
-    """The bytes end inside a reply: wait for more."""
-
-
-_INCOMPLETE = _Incomplete()  # raised only on a partial read: one instance is enough
+# The index _parse returns when the bytes end inside a reply (wait for more). An
+# index, not an exception: compiled (mypyc), re-raising one shared exception
+# instance corrupted memory, and a fresh one per partial read costs more.
+_INCOMPLETE: Final = -1
 # b"$<n>" for the lengths of short bulk strings: an array of them is checked by
 # comparing lists, in C, instead of one int() per element (see _array).
 _HEADS = [b"$%d" % n for n in range(1024)]
@@ -150,12 +142,11 @@ class Parser:
         i = 0
         try:
             while i < complete:
-                start = i
-                try:
-                    reply, i = _parse(lines, i, complete)
-                except _Incomplete:
-                    self._rest = _CRLF.join(lines[start:])
+                reply, after = _parse(lines, i, complete)
+                if after == _INCOMPLETE:
+                    self._rest = _CRLF.join(lines[i:])
                     return replies
+                i = after
                 replies.append(reply)
         except (ValueError, IndexError) as exc:  # int() of a non-number, an empty line
             self._rest = b""
@@ -165,9 +156,10 @@ class Parser:
 
 
 def _parse(lines: list[bytes], i: int, complete: int) -> tuple[Reply | RespError, int]:
-    """The reply starting at line i, and the index of the line after it."""
+    """The reply starting at line i, and the index of the line after it
+    (_INCOMPLETE when the lines end inside it)."""
     if i >= complete:
-        raise _INCOMPLETE
+        return None, _INCOMPLETE
     line = lines[i]
     kind = line[0]
     if kind == 36:  # $ bulk string
@@ -176,11 +168,11 @@ def _parse(lines: list[bytes], i: int, complete: int) -> tuple[Reply | RespError
             return None, i + 1
         after = i + 2
         if after > complete:
-            raise _INCOMPLETE
+            return None, _INCOMPLETE
         value = lines[i + 1]
         while len(value) < size:  # the value holds CRLF: glue its lines back
             if after >= complete:
-                raise _INCOMPLETE
+                return None, _INCOMPLETE
             value = value + _CRLF + lines[after]
             after += 1
         if len(value) != size:
@@ -221,6 +213,8 @@ def _array(lines: list[bytes], i: int, complete: int) -> tuple[Reply, int]:
                     items += values
                     return items, end
         item, i = _parse(lines, i, complete)
+        if i == _INCOMPLETE:
+            return None, _INCOMPLETE
         items.append(item)
     return items, i
 
