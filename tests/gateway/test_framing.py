@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tollway.gateway.framing import raw_response_head, response_framing
+from tollway.gateway.framing import drop_header_lines, raw_response_head, response_framing
 
 
 @pytest.mark.parametrize(
@@ -41,3 +41,21 @@ def test_raw_head_keeps_reason_and_header_bytes_with_our_version() -> None:
 
 def test_raw_head_without_headers() -> None:
     assert raw_response_head(b"HTTP/1.1 200 OK", b"") == b"HTTP/1.1 200 OK\r\n\r\n"
+
+
+HEAD = (
+    b"HTTP/1.1 200 OK\r\nX-Request-Id: up\r\nAccess-Control-Allow-Origin: *\r\n"
+    b"x-request-id-extra: kept\r\nACCESS-CONTROL-MAX-AGE : 5\r\nContent-Type: text/plain"
+)
+
+
+def test_drop_header_lines_by_name_and_by_prefix_whatever_the_case() -> None:
+    assert drop_header_lines(HEAD, [b"x-request-id", b"access-control-"]) == (
+        b"HTTP/1.1 200 OK\r\nx-request-id-extra: kept\r\nContent-Type: text/plain"
+    )
+
+
+def test_drop_header_lines_keeps_the_block_when_no_name_is_there() -> None:
+    assert drop_header_lines(HEAD, [b"vary", b"x-other-"]) is HEAD
+    # A name is a whole field name unless it ends in "-".
+    assert drop_header_lines(HEAD, [b"content-typ"]) == HEAD

@@ -126,6 +126,50 @@ async def test_cors_headers_on_proxied_response(tmp_path: Path) -> None:
         assert len(up.requests) == 2
 
 
+async def test_request_id_and_cors_replace_what_the_upstream_sent(tmp_path: Path) -> None:
+    # request-id and cors edit the upstream's head without parsing it (their edits
+    # are recorded in the access phase): the upstream's own X-Request-ID and CORS
+    # grant must still be replaced, once, and Vary must still name Origin.
+    async def handler(req: Received, reply: Reply) -> None:
+        reply.send(
+            200,
+            [
+                ("X-Request-Id", "upstream-own"),
+                ("Access-Control-Allow-Origin", "*"),
+                ("access-control-allow-credentials", "false"),
+                ("X-Request-Id-Upstream", "kept"),
+                ("Vary", "Accept-Encoding"),
+            ],
+            b"ok",
+        )
+
+    plugins = "  - name: request-id\n" + CORS
+    async with RecordingUpstream(handler) as up, running_gateway(
+        tmp_path, config_for(up.url, plugins)
+    ) as gw:
+
+        def values(resp: Parsed, name: str) -> list[str]:
+            return [v for k, v in resp.headers if k.lower() == name]
+
+        def vary(resp: Parsed) -> set[str]:
+            return {t.strip() for v in values(resp, "vary") for t in v.split(",")}
+
+        resp = await one(gw.port, get(headers="X-Request-ID: trace-7\r\n"))
+        assert resp.status == 200 and resp.body == b"ok"
+        assert values(resp, "x-request-id") == ["trace-7"]
+        assert values(resp, "x-request-id-upstream") == ["kept"]
+        assert [k for k, _ in resp.headers if k.lower().startswith("access-control-")] == []
+        assert vary(resp) == {"Accept-Encoding", "Origin"}
+
+        resp = await one(gw.port, get(headers="Origin: https://app.example.com\r\n"))
+        rid = values(resp, "x-request-id")
+        assert len(rid) == 1 and re.fullmatch(r"[0-9a-f]{32}", rid[0])
+        assert values(resp, "access-control-allow-origin") == ["https://app.example.com"]
+        assert values(resp, "access-control-allow-credentials") == ["true"]
+        assert vary(resp) == {"Accept-Encoding", "Origin"}
+        assert len(up.requests) == 2
+
+
 async def test_cors_strict_refuses_unsafe_method_from_unlisted_origin(tmp_path: Path) -> None:
     async with RecordingUpstream() as up, running_gateway(tmp_path, config_for(up.url, CORS)) as gw:
         resp = await one(

@@ -187,6 +187,13 @@ class RequestContext:
     chunked: bool
     # Headers response-phase plugins add to whatever answer goes back.
     response_headers: Headers
+    # A raw-safe plugin's response edits as data (plugins/base.py `raw_response`):
+    # applied only when the upstream's head goes out as bytes, where its response
+    # hook does not run. raw_drop: lower-case names whose lines are cut from the
+    # upstream's head (a name ending in "-" cuts every name it starts); then the
+    # raw_headers lines are appended. None until a plugin adds one.
+    raw_drop: list[bytes] | None
+    raw_headers: Headers | None
     # Free slots for plugins that must hand state from one phase to a later one.
     vars: dict[str, Any]
     start: float
@@ -253,6 +260,8 @@ class RequestContext:
         self.content_length = content_length
         self.chunked = chunked
         self.response_headers = [] if response_headers is None else response_headers
+        self.raw_drop = None
+        self.raw_headers = None
         self.vars = {} if vars is None else vars
         self.start = time.perf_counter() if start is None else start
         self.started_at = time.time() if started_at is None else started_at
@@ -267,3 +276,16 @@ class RequestContext:
 
     def header(self, name: bytes) -> bytes | None:
         return header_get(self.headers, name)
+
+    def raw_edit(self, drop: bytes, name: bytes, value: bytes) -> None:
+        """For the raw path: cut `drop`'s lines (b"" for none), then add one line."""
+        if drop:
+            if self.raw_drop is None:
+                self.raw_drop = [drop]
+            else:
+                self.raw_drop.append(drop)
+        if name:
+            if self.raw_headers is None:
+                self.raw_headers = [(name, value)]
+            else:
+                self.raw_headers.append((name, value))

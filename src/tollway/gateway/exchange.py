@@ -42,6 +42,7 @@ from tollway.gateway.framing import (
     DOWNSTREAM_HOPS,
     NO_BODY_STATUS,
     UPSTREAM_HOPS,
+    drop_header_lines,
     raw_response_head,
     request_head,
     response_framing,
@@ -368,9 +369,10 @@ class Exchange:
         ctx.upstream_start = time.perf_counter()
         chain = active_chain(ctx, self.chain)
         # Nothing will read or edit the response head: take it as bytes (headers
-        # plugins only add, ctx.response_headers, are appended to those bytes).
+        # plugins only add, ctx.response_headers, are appended to those bytes, and
+        # raw-safe plugins' edits, ctx.raw_drop and raw_headers, are applied to them).
         raw = not (
-            chain.response_hooks or chain.body_filter_hooks
+            (chain.response_hooks and not chain.raw_safe) or chain.body_filter_hooks
             or self.upgrade is not None or ctx.method == "HEAD"
         )
         upstream.send_head(self, self._request_head(), ctx.method == "HEAD", raw)
@@ -747,8 +749,11 @@ class Exchange:
             return
         ctx.status = status
         self.response_started = True
+        if ctx.raw_drop is not None:
+            block = drop_header_lines(block, ctx.raw_drop)
         extra = b""
-        if ctx.response_headers:
+        raw_headers = ctx.raw_headers
+        if ctx.response_headers or raw_headers is not None:
             # A flat list and one join: a generator costs a frame object in compiled
             # code too (rate-limit adds five headers to every response).
             parts: list[bytes] = []
@@ -757,6 +762,12 @@ class Exchange:
                 parts.append(b": ")
                 parts.append(value)
                 parts.append(b"\r\n")
+            if raw_headers is not None:
+                for name, value in raw_headers:
+                    parts.append(name)
+                    parts.append(b": ")
+                    parts.append(value)
+                    parts.append(b"\r\n")
             extra = b"".join(parts)
         self.out.append(raw_response_head(block, self._framing(status, content_length), extra))
 

@@ -79,6 +79,21 @@ def forwarding_block(
     `headers` are the client's; only read here. With an untrusted peer everything is
     ours; with a trusted one, its values are kept and extended.
     """
+    if not trusted:
+        # Everything comes from the peer, the Host and our port, which repeat from
+        # one request to the next (keep-alive): built once per combination.
+        key = (peer_ip, host, port)
+        block = _UNTRUSTED_BLOCKS.get(key)
+        if block is None:
+            block = _block(headers, peer_ip, host, port, False)
+            if len(_UNTRUSTED_BLOCKS) >= _MAX_BLOCKS:
+                _UNTRUSTED_BLOCKS.clear()  # cheap to rebuild; bounded memory
+            _UNTRUSTED_BLOCKS[key] = block
+        return block
+    return _block(headers, peer_ip, host, port, True)
+
+
+def _block(headers: Headers, peer_ip: str, host: bytes, port: int, trusted: bool) -> bytes:
     xff = proto = fhost = fport = fwd = None
     if trusted:
         for name, value in headers:
@@ -110,6 +125,8 @@ def forwarding_block(
 
 
 _PORTS = {80: b"80", 443: b"443", 8000: b"8000"}
+_UNTRUSTED_BLOCKS: dict[tuple[str, bytes, int], bytes] = {}
+_MAX_BLOCKS = 4096
 _NEEDS_QUOTE = re.compile(rb'[:\[\]";, ]')
 
 

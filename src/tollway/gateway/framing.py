@@ -81,6 +81,39 @@ def response_framing(
     return lines, chunked, close
 
 
+def drop_header_lines(block: bytes, names: list[bytes]) -> bytes:
+    """`block` (a status line and header lines, no final CRLF) without the lines of
+    `names` (lower-case; a name ending in "-" drops every name it starts)."""
+    low = block.lower()
+    for name in names:
+        if _at_line_start(low, name):
+            break
+    else:
+        return block  # the usual case: none of them is there
+    lines = block.split(b"\r\n")
+    kept = [lines[0]]
+    for line in lines[1:]:
+        if not _named(line.partition(b":")[0].strip().lower(), names):
+            kept.append(line)
+    return b"\r\n".join(kept)
+
+
+def _at_line_start(low: bytes, name: bytes) -> bool:
+    # find() and a look at the two bytes before, rather than a search for
+    # CRLF + name, which would build that needle on every request.
+    i = low.find(name, 2)
+    while i >= 0:
+        if low[i - 1] == 10 and low[i - 2] == 13:
+            return True
+        i = low.find(name, i + 1)
+    return False
+
+
+def _named(field: bytes, names: list[bytes]) -> bool:
+    # The slow path (a name to drop is there): a generator is fine here.
+    return any(field == name or (name.endswith(b"-") and field.startswith(name)) for name in names)
+
+
 def raw_response_head(block: bytes, framing: bytes, extra: bytes = b"") -> bytes:
     """The upstream's head (status line and headers, hop-by-hop lines already cut)
     with our status-line version and framing: its reason and headers byte for byte.

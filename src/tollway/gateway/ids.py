@@ -27,4 +27,6 @@ os.register_at_fork(after_in_child=_reseed)
 
 def new_request_id() -> str:
     """A fresh id: 32 lower-case hex characters."""
-    return f"{_prefix}{next(_counter) & 0xFFFFFFFFFFFF:012x}"
+    # bytes.hex() of the 6-byte counter: a third of the cost of the f-string's
+    # "012x" format spec, which compiled code hands to the generic formatter.
+    return _prefix + (next(_counter) & 0xFFFFFFFFFFFF).to_bytes(6, "big").hex()

@@ -69,6 +69,7 @@ class Chain:
         "by_consumer",
         "log_hooks",
         "plugins",
+        "raw_safe",
         "response_hooks",
     )
 
@@ -94,6 +95,12 @@ class Chain:
         self.access_hooks: tuple[tuple[int, AccessHook], ...] = tuple(hooks)
         self.response_hooks = tuple(
             p.response_headers for p in self.plugins if type(p).overrides("response_headers")
+        )
+        # True when every response hook belongs to a raw-safe plugin (base.Plugin
+        # `raw_response`): the upstream's head may then go out as bytes, with the
+        # edits those plugins recorded in the access phase.
+        self.raw_safe = all(
+            type(p).raw_response for p in self.plugins if type(p).overrides("response_headers")
         )
         self.body_filter_hooks = tuple(
             p.body_filter for p in self.plugins if type(p).overrides("body_filter")

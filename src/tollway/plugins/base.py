@@ -13,7 +13,8 @@ Phases, in order:
   may return a `Deferred` instead (context.py): one future and a resolve() the
   data plane calls from the future's callback, with no task.
 - response_headers(ctx, head): mutate the status/headers about to go to the client,
-  for upstream and gateway-made responses alike.
+  for upstream and gateway-made responses alike (see `raw_response` for the
+  plugins whose edits may skip parsing the upstream's head).
 - body_filter(ctx, head): return a `BodyFilter` to rewrite the response body
   (gzip), or None. Called after response_headers. A filter makes the body length
   unknown: the server re-frames the body (chunked, or close on HTTP/1.0).
@@ -59,6 +60,12 @@ class Plugin(Generic[ConfigT]):
     # Further access hooks as (method name, priority), for a plugin that must act at
     # two points of the access phase; each is called like `access`.
     extra_access: ClassVar[tuple[tuple[str, int], ...]] = ()
+    # True for a plugin whose response_headers hook is only a fast-path-friendly
+    # edit that its access hook also records as data (ctx.raw_edit: drop some
+    # header names, add some lines). The upstream's head may then go out as bytes,
+    # without being parsed, with those edits applied; the hook still runs on
+    # every head that is parsed (the gateway's own responses, other plugins).
+    raw_response: ClassVar[bool] = False
 
     def __init__(self, config: ConfigT) -> None:
         self.config = config

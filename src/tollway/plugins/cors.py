@@ -94,6 +94,7 @@ class CorsConfig(PluginConfig):
 class Cors(Plugin[CorsConfig]):
     name = "cors"
     priority = 2000
+    raw_response = True  # its engine records its response edits in access
     Config = CorsConfig
 
     def __init__(self, config: CorsConfig) -> None:

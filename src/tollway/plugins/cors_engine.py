@@ -111,8 +111,12 @@ class CorsEngine:
         return out
 
     def access(self, ctx: RequestContext) -> Response | None:
+        # Every path that lets the request on records the response edits for the
+        # raw path (plugins/base.py raw_response); response_headers does the same
+        # on a parsed head.
         raw_origin = ctx.header(b"origin")
         if raw_origin is None:
+            self._raw_default(ctx)
             return None
         origin = self._allowed(raw_origin)
         if ctx.method == "OPTIONS" and ctx.header(_ACRM) is not None:
@@ -120,22 +124,39 @@ class CorsEngine:
                 if self._strict:
                     return self._refuse(ctx, raw_origin)
                 if self._preflight_continue:
+                    self._raw_default(ctx)
                     return None
                 return Response(204, [(b"vary", b"Origin")])
             headers = self._preflight_headers(ctx, origin)
             ctx.vars[_VARS_KEY] = headers
             if self._preflight_continue:
+                self._raw_ours(ctx, headers)
                 return None
             return Response(204, list(headers))
         if origin is None:
             if self._strict and ctx.method not in _SAFE_METHODS:
                 return self._refuse(ctx, raw_origin)
+            self._raw_default(ctx)
             return None
         headers = self._common(origin)
         if self._exposed:
             headers.append((_ACEH, self._exposed))
         ctx.vars[_VARS_KEY] = headers
+        self._raw_ours(ctx, headers)
         return None
+
+    def _raw_default(self, ctx: RequestContext) -> None:
+        # No grant of ours: the upstream's CORS headers go, and the answer varies
+        # by Origin (a second Vary line is the same as a comma-joined one, RFC 9110
+        # §5.3; unlike response_headers, the raw path does not merge them).
+        ctx.raw_edit(b"access-control-", b"" if self._star else b"vary", b"Origin")
+
+    def _raw_ours(self, ctx: RequestContext, headers: Headers) -> None:
+        for name, value in headers:
+            if name == b"vary":
+                ctx.raw_edit(b"", name, value)
+            else:
+                ctx.raw_edit(name, name, value)
 
     def _refuse(self, ctx: RequestContext, raw_origin: bytes) -> Response:
         details: dict[str, Any] = {"origin": raw_origin.decode("latin-1")}

@@ -45,6 +45,7 @@ class RequestIdConfig(PluginConfig):
 class RequestId(Plugin[RequestIdConfig]):
     name = "request-id"
     priority = 100001
+    raw_response = True  # its engine records its response edits in access
     Config = RequestIdConfig
 
     def __init__(self, config: RequestIdConfig) -> None:

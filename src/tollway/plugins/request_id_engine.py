@@ -40,6 +40,9 @@ class RequestIdEngine:
             request_id = self._accept(raw) or request_id
             header_set(ctx.headers, self._header, request_id.encode("ascii"))
         ctx.request_id = request_id
+        if self._echo:
+            # The raw path's copy of response_headers (plugins/base.py raw_response).
+            ctx.raw_edit(self._header, self._header, request_id.encode("ascii", "replace"))
         return None
 
     def response_headers(self, ctx: RequestContext, head: ResponseHead) -> None:

@@ -264,8 +264,8 @@ class UpstreamConnection(asyncio.Protocol):
         status: int = self._parser.get_status_code()
         buf = self._head_data
         start = self._head_start
-        while buf[start : start + 1] in (b"\r", b"\n"):
-            start += 1  # llhttp tolerates empty lines before a status line
+        while start < len(buf) and (buf[start] == 13 or buf[start] == 10):
+            start += 1  # llhttp tolerates empty lines before a status line (CR, LF)
         end = buf.find(b"\r\n\r\n", start)
         if status == 101:
             # Raw mode is never used for upgrade requests: a 101 here is unasked.
