@@ -207,11 +207,9 @@ class Exchange:
                 if route.chain is not None:
                     self.chain = route.chain
             self._access_result(self.chain.run_access(ctx))
-        except GatewayError as err:
-            self.respond(Response.from_error(err, ctx.request_id))
-        except Exception:  # the request boundary: a bug answers 500, never hangs
-            log.exception("request failed", request_id=ctx.request_id)
-            self.respond(Response.error("internal_error", ctx.request_id))
+        # The request boundary: a bug answers 500 (and is logged), never hangs.
+        except Exception as exc:  # noqa: BLE001 - _access_failed logs it
+            self._access_failed(exc)
 
     def _drop_named_headers(self) -> None:
         # What the client's Connection names is for this hop only: dropped from the
@@ -240,35 +238,31 @@ class Exchange:
         if deferred is None or deferred.future is not future:
             return
         self.deferred = None
-        ctx = self.ctx
         try:
             # Resolved even when the client has gone: the hook may give back what
             # it took (a rate limit's charge).
             result = deferred.resolve()
-            if self.finished:
-                return
-            self._access_result(result)
-        except GatewayError as err:
-            self.respond(Response.from_error(err, ctx.request_id))
-        except Exception:
-            log.exception("request failed", request_id=ctx.request_id)
-            self.respond(Response.error("internal_error", ctx.request_id))
+            if not self.finished:
+                self._access_result(result)
+        except Exception as exc:  # noqa: BLE001 - _access_failed logs it
+            self._access_failed(exc)
 
     async def _await_access(self, pending: Awaitable[Response | None]) -> None:
-        ctx = self.ctx
         try:
             result = await pending
-            if self.finished:
-                return
-            if result is None:
-                self._after_access()
-            else:
-                self.respond(result)
-        except GatewayError as err:
-            self.respond(Response.from_error(err, ctx.request_id))
-        except Exception:
-            log.exception("request failed", request_id=ctx.request_id)
-            self.respond(Response.error("internal_error", ctx.request_id))
+            if not self.finished:
+                self._access_result(result)
+        except Exception as exc:  # noqa: BLE001 - _access_failed logs it
+            self._access_failed(exc)
+
+    def _access_failed(self, exc: Exception) -> None:
+        """An access phase that raised: its GatewayError's answer, else a 500."""
+        request_id = self.ctx.request_id
+        if isinstance(exc, GatewayError):
+            self.respond(Response.from_error(exc, request_id))
+            return
+        log.error("request failed", request_id=request_id, exc_info=exc)
+        self.respond(Response.error("internal_error", request_id))
 
     def _after_access(self) -> None:
         ctx = self.ctx
