@@ -70,6 +70,13 @@ KEYED = ("keyauth", "usage", "ratelimit", "ratelimitredis")
 
 TOLLWAY_START_DEADLINE_S = 20.0
 WARMUP_S = 2
+# Before each measured run the machine must be quiet: a scenario's aftermath (the
+# usage gateway still draining its queue into PostgreSQL, PostgreSQL's checkpoint
+# after hundreds of thousands of rows) otherwise lands on whichever scenario runs
+# next. Every proxy, the reference included, waits the same way, up to a bound.
+QUIET_BUSY_FRACTION = 0.15  # of all cores, over one sample
+QUIET_SAMPLE_S = 0.5
+QUIET_MAX_S = 20.0
 MB = 1024 * 1024
 
 # Targets from the issue.
@@ -258,6 +265,35 @@ def loadavg() -> float:
         return float(Path("/proc/loadavg").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores since boot (/proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])
+    return total - idle, total
+
+
+def wait_quiet() -> float:
+    """Wait until one sample shows the machine mostly idle (bounded); the seconds
+    waited. Everything the benchmark started is idle between runs, so what is busy
+    then is background work some earlier scenario caused."""
+    started = time.monotonic()
+    try:
+        busy0, total0 = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    while time.monotonic() - started < QUIET_MAX_S:
+        time.sleep(QUIET_SAMPLE_S)
+        busy1, total1 = _cpu_times()
+        span = total1 - total0
+        if span > 0 and (busy1 - busy0) / span < QUIET_BUSY_FRACTION:
+            break
+        busy0, total0 = busy1, total1
+    else:
+        log(f"  machine still busy after {QUIET_MAX_S:g}s; measuring anyway")
+    return time.monotonic() - started
 
 
 def log(msg: str) -> None:
@@ -584,6 +620,7 @@ def throughput(
             if t.proc is not None and t.proc.poll() is not None:
                 t.error = f"process exited ({t.proc.poll()}): {t.proc.stderr_tail(10)}"
                 continue
+            waited = wait_quiet()
             try:
                 r = counted(t, partial(wrk_for, t, cores, duration, connections))
             except BenchError as exc:
@@ -594,6 +631,7 @@ def throughput(
                 f"round {rnd}/{rounds} {t.label:<40} {r.rps:>10.1f} req/s  "
                 f"p50 {fmt_ms(r.p50_ms)}  p99 {fmt_ms(r.p99_ms)}"
                 + (f"  errors {r.errors}" if r.errors else "")
+                + (f"  (waited {waited:.1f}s for a quiet machine)" if waited > 1.0 else "")
             )
     for t in targets:
         if t.proc is not None and t.proc.poll() is None:
