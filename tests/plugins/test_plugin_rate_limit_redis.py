@@ -9,6 +9,7 @@ redis-server they started, never the shared one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import Counter
@@ -183,6 +184,19 @@ async def upstream() -> AsyncIterator[RecordingUpstream]:
         yield up
 
 
+@contextlib.asynccontextmanager
+async def _private_redis_gateway(
+    tmp_path: Path, config: str
+) -> AsyncIterator[tuple[Gateway, PrivateRedis]]:
+    """A gateway on a redis-server of its own (killed by its pid afterwards)."""
+    server = PrivateRedis(tmp_path / "redis").start()
+    try:
+        async with running_gateway(tmp_path, config, redis_url=server.url) as gw:
+            yield gw, server
+    finally:
+        server.kill()
+
+
 async def _statuses(gw: Gateway, tenant: str, n: int) -> list[int]:
     return [await _get(gw.port, tenant) for _ in range(n)]
 
@@ -270,24 +284,19 @@ async def test_script_flushed_mid_run_is_loaded_again_and_counts_exactly(
     # A check normally waits on the open connection's reply without a task; a
     # NOSCRIPT reply there (Redis restarted or flushed its scripts) must fall back
     # to loading the script and checking once more, counting the request once.
-    server = PrivateRedis(tmp_path / "redis").start()
-    try:
-        async with running_gateway(
-            tmp_path, _config(upstream.url, _rl("fail_closed")), redis_url=server.url
-        ) as gw:
-            assert await _statuses(gw, "a", 2) == [200, 200]
-            with Redis.from_url(server.url) as admin:
-                admin.script_flush()  # the private server: allowed here
-                first = await _call(gw, "a")
-                assert first.status == 200
-                assert first.header("x-ratelimit-remaining") == "1"
-                assert await _statuses(gw, "a", 2) == [200, 429]
-                stats = admin.info("commandstats")
-            assert stats["cmdstat_script|load"]["calls"] >= 1
-            assert gw.runtime is not None and gw.runtime.limits is not None
-            assert gw.runtime.limits.stats.store_events[("redis", "error")] == 0
-    finally:
-        server.kill()
+    config = _config(upstream.url, _rl("fail_closed"))
+    async with _private_redis_gateway(tmp_path, config) as (gw, server):
+        assert await _statuses(gw, "a", 2) == [200, 200]
+        with Redis.from_url(server.url) as admin:
+            admin.script_flush()  # the private server: allowed here
+            first = await _call(gw, "a")
+            assert first.status == 200
+            assert first.header("x-ratelimit-remaining") == "1"
+            assert await _statuses(gw, "a", 2) == [200, 429]
+            stats = admin.info("commandstats")
+        assert stats["cmdstat_script|load"]["calls"] >= 1
+        assert gw.runtime is not None and gw.runtime.limits is not None
+        assert gw.runtime.limits.stats.store_events[("redis", "error")] == 0
 
 
 async def test_hooks_after_the_limit_run_once_redis_answers(
@@ -300,17 +309,11 @@ async def test_hooks_after_the_limit_run_once_redis_answers(
         f"  - name: rate-limit\n    config: {_rl('fail_closed')}\n"
         "  - name: request-transformer\n    config: {add: {headers: ['x-limited:yes']}}\n"
     )
-    server = PrivateRedis(tmp_path / "redis").start()
-    try:
-        async with running_gateway(
-            tmp_path, api_config(upstream.url, plugins), redis_url=server.url
-        ) as gw:
-            assert await _statuses(gw, "t", 5) == [200, 200, 200, 200, 429]
-            assert len(upstream.requests) == 4
-            for req in upstream.requests:
-                assert ("x-limited", "yes") in req.headers
-    finally:
-        server.kill()
+    async with _private_redis_gateway(tmp_path, api_config(upstream.url, plugins)) as (gw, _):
+        assert await _statuses(gw, "t", 5) == [200, 200, 200, 200, 429]
+        assert len(upstream.requests) == 4
+        for req in upstream.requests:
+            assert ("x-limited", "yes") in req.headers
 
 
 async def test_concurrency_slots_live_in_redis(tmp_path: Path) -> None:
