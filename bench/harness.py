@@ -215,10 +215,23 @@ class Proc:
         """Summed VmRSS of this process and its descendants (kB); 0 when gone."""
         return sum(vmrss_kb(pid) for pid in process_tree(self.pid))
 
+    def freeze(self) -> None:
+        """SIGSTOP the process group: an idle gateway's timers (sweeps, polls) stop
+        waking up on the core another target is being measured on."""
+        if self.popen.poll() is None:
+            self._signal_group(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT the process group (harmless when it was not frozen)."""
+        if self.popen.poll() is None:
+            self._signal_group(signal.SIGCONT)
+
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the process group, then SIGKILL it after `timeout` seconds."""
         if self.popen.returncode is None:
             self._signal_group(signal.SIGTERM)
+            # A frozen process would hold SIGTERM pending until the timeout.
+            self._signal_group(signal.SIGCONT, quiet=True)
             try:
                 self.popen.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
