@@ -472,6 +472,30 @@ async def test_stalled_headers_get_408(tmp_path: Path) -> None:
         assert upstream.requests == []
 
 
+async def test_a_gateway_idle_for_a_while_still_times_out_headers_on_time(
+    tmp_path: Path,
+) -> None:
+    """With no connection the sweeper wakes once a second; the first connection
+    brings the 0.1 s sweep back, so its header timeout is not up to a second late."""
+    async with (
+        RecordingUpstream(echo) as upstream,
+        running_gateway(tmp_path, config_for(upstream), header_timeout=0.3) as gw,
+    ):
+        plane = gw.plane
+        assert plane is not None
+        await wait_for(lambda: plane.sweeper_idle)
+        idle_sweeps = plane.sweeps
+        await wait_for(lambda: plane.sweeps > idle_sweeps)  # the next one is 1 s away
+        async with client(gw.port) as c:
+            start = time.monotonic()
+            await c.send(b"GET /api/x HTTP/1.1\r\nHost: h\r\nX-Half: ")
+            assert await c.closed(timeout=3)
+            elapsed = time.monotonic() - start
+            (resp,) = parse_responses(c.take())
+        assert resp.status == 408
+        assert 0.25 <= elapsed < 0.8
+
+
 async def test_idle_keep_alive_connection_is_closed(tmp_path: Path) -> None:
     async with gateway(tmp_path, keepalive_timeout=0.5) as (port, _), client(port) as c:
         await c.send(b"GET /api/x HTTP/1.1\r\n" + H + b"\r\n")

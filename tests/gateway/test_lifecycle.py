@@ -317,7 +317,7 @@ async def test_request_spanning_a_reload_is_still_logged(tmp_path: Path) -> None
         # Past the old snapshot's former close timer (shutdown_timeout + 1 s).
         plane = gw.plane
         assert plane is not None
-        await wait_until(lambda: plane._ticks > 20, what="sweeper ticks")
+        await wait_until(lambda: plane.sweeps > 20, what="sweeper ticks")
         gate.open.set()
         assert (await slow).status_code == 200
         await client.get("/api/after")

@@ -12,13 +12,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 
-from support.db import pg_schema_database
+from support.db import pg_schema_database, sqlite_database
 from support.relay import FaultRelay
 from tollway.identity import consumers, keys
 from tollway.identity.changes import pending_changes, record_change
@@ -257,6 +258,39 @@ async def test_feed_polls_changes_committed_with_their_change(
         assert recorder.resets == 0
     finally:
         await feed.stop()
+
+
+async def test_idle_feed_on_sqlite_reads_nothing_until_something_commits(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    """Polls while nothing commits cost no query (the data-version probe); a change
+    committed by another connection still arrives within the second."""
+    async with sqlite_database(tmp_path) as database, sqlite_database(
+        tmp_path, migrate=False
+    ) as writer:
+        statements: list[str] = []
+
+        def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            statements.append(statement)
+
+        event.listen(database.engine.sync_engine, "before_cursor_execute", seen)
+        feed = await start_feed(database, None, recorder, 0.01)
+        try:
+            async with asyncio.timeout(5):
+                while feed.skipped_polls < 1:
+                    await asyncio.sleep(0.005)
+            before, skipped = len(statements), feed.skipped_polls
+            async with asyncio.timeout(5):
+                while feed.skipped_polls < skipped + 20:
+                    await asyncio.sleep(0.005)
+            assert len(statements) == before  # twenty polls, not one query
+            await add_rows(writer, ("key", "revoked"))
+            waited = await recorder.wait_for(("key", "revoked"))
+            assert waited < 1.0
+            assert len(statements) > before
+        finally:
+            await feed.stop()
+            event.remove(database.engine.sync_engine, "before_cursor_execute", seen)
 
 
 async def test_feed_rolled_back_change_is_not_delivered(

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from structlog.testing import capture_logs
 
+from support.db import sqlite_database
 from tollway.storage.database import Database
 from tollway.upstream.registrations import (
     Registration,
@@ -233,6 +236,37 @@ async def test_the_watcher_reports_adds_removals_and_expiry(
     await watcher.poll_once()
     assert changes.take() == [("api", ())]
     assert watcher.current == {}
+
+
+async def test_on_sqlite_the_watcher_reads_only_after_a_commit_or_an_expiry(
+    tmp_path: Path, clock: UtcClock
+) -> None:
+    async with sqlite_database(tmp_path) as database:
+        store = RegistrationStore(database, clock=clock)
+        statements: list[str] = []
+
+        def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            statements.append(statement)
+
+        event.listen(database.engine.sync_engine, "before_cursor_execute", seen)
+        changes = Changes()
+        watcher = RegistrationWatcher(store, changes)
+        await store.register("api", "h:1", ttl=5)
+        await watcher.poll_once()
+        assert changes.take() == [("api", (Target("h", 1),))]
+        before = len(statements)
+        for _ in range(10):
+            await watcher.poll_once()
+        assert (len(statements), watcher.skipped_polls) == (before, 10)
+
+        await store.register("api", "h:2", ttl=30)  # a commit: read
+        await watcher.poll_once()
+        assert changes.take() == [("api", (Target("h", 1), Target("h", 2)))]
+
+        clock.advance(5)  # nobody writes, h:1 expires: read all the same
+        await watcher.poll_once()
+        assert changes.take() == [("api", (Target("h", 2),))]
+        await watcher.aclose()
 
 
 async def test_the_watcher_survives_a_database_outage(

@@ -101,7 +101,7 @@ class EmbeddedServer:
             raise ServerStartError(f"{self._name} app failed to start (see the log)") from exc
         self._server = server
         self._socket = sock
-        self._main_loop = asyncio.create_task(server.main_loop(), name=f"{self._name}-uvicorn")
+        self._main_loop = asyncio.create_task(_tick(server), name=f"{self._name}-uvicorn")
         _log.info("server_listening", server=self._name, url=self.url)
 
     async def stop(self) -> None:
@@ -110,7 +110,9 @@ class EmbeddedServer:
         if server is None or sock is None or main_loop is None:
             return
         server.should_exit = True
-        await main_loop
+        main_loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await main_loop
         await server.shutdown(sockets=[sock])
         self._server = self._socket = self._main_loop = None
         if self._uds is not None:
@@ -168,3 +170,13 @@ def _unix_socket_in_use(path: Path) -> bool:
     finally:
         probe.close()
     return True
+
+
+async def _tick(server: uvicorn.Server) -> None:
+    """uvicorn's own `main_loop` wakes ten times a second: to refresh its Date header,
+    which it does once a second, and to look at `should_exit`, which `stop()` makes
+    unnecessary by cancelling this task. Once a second keeps the Date header as fresh
+    and takes nine wake-ups a second off every idle process."""
+    while True:
+        await server.on_tick(0)  # counter 0: the once-a-second branch
+        await asyncio.sleep(1.0)

@@ -24,7 +24,12 @@ from tollway.upstream.pool import PoolManager
 log = structlog.get_logger("tollway.dataplane")
 
 SWEEP_INTERVAL = 0.1
-POOL_SWEEP_EVERY = 10  # sweeper ticks
+# With no client connection there is no deadline to watch: the sweeper then only
+# ages the upstream pools and the counters, and one wake-up a second is enough
+# (an idle gateway should not wake ten times a second). The first connection
+# brings the fast sweep back.
+IDLE_SWEEP_INTERVAL = 1.0
+POOL_SWEEP_INTERVAL = 1.0
 
 
 class RequestMetrics(Protocol):
@@ -80,7 +85,10 @@ class DataPlane:
         self._tasks: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.TimerHandle | None = None
-        self._ticks = 0
+        # True while the pending sweep is an idle one (IDLE_SWEEP_INTERVAL away).
+        self._idle = False
+        self._next_pool_sweep = 0.0
+        self.sweeps = 0
         self._retired: list[Snapshot] = []
         self._all_closed = asyncio.Event()
 
@@ -109,6 +117,8 @@ class DataPlane:
     def connection_opened(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
         self.metrics.connection_opened()
+        if self._idle:
+            self._wake_sweeper()
 
     def connection_closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
@@ -158,13 +168,29 @@ class DataPlane:
             except Exception:  # one bad connection must not stop the sweeper
                 log.exception("deadline handling failed")
                 conn.abort()
-        self._ticks += 1
+        self.sweeps += 1
         self.clusters.tick(now)
-        if self._ticks % POOL_SWEEP_EVERY == 0:
+        if now >= self._next_pool_sweep:
+            self._next_pool_sweep = now + POOL_SWEEP_INTERVAL
             self.pools.sweep(now)
             if self._retired:
                 self._close_unused_retired()
-        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+        # Connections that came and went since the last sweep woke it (see
+        # connection_opened), so their requests' counts are folded by this one.
+        self._idle = not self.connections
+        interval = IDLE_SWEEP_INTERVAL if self._idle else SWEEP_INTERVAL
+        self._sweeper = self.loop.call_later(interval, self._sweep)
+
+    @property
+    def sweeper_idle(self) -> bool:
+        """Whether the next sweep is the slow, idle one."""
+        return self._idle
+
+    def _wake_sweeper(self) -> None:
+        self._idle = False
+        if self._sweeper is not None:  # None: shut down
+            self._sweeper.cancel()
+            self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     # ---- shutdown ------------------------------------------------------------------
 

@@ -274,6 +274,10 @@ class ChangeFeed:
         purge_age: float = PURGE_AGE,
     ) -> None:
         self.reader = OutboxReader(database)
+        self.probe = database.change_probe()
+        # The probe's version when the last successful read began (None: unknown).
+        self._read_version: int | None = None
+        self.skipped_polls = 0
         self.redis = redis
         self.on_change = on_change
         self.on_reset = on_reset
@@ -317,14 +321,32 @@ class ChangeFeed:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.subscribed = False
+        if self.probe is not None:
+            self.probe.close()
 
     def poke(self) -> None:
         """Poll now rather than at the next interval."""
         self._wake.set()
 
-    async def poll_once(self) -> int:
-        """One read of the outbox; returns the number of changes applied."""
+    async def poll_once(self, force: bool = False) -> int:
+        """One read of the outbox; returns the number of changes applied.
+
+        On SQLite the read is skipped while the file's data version has not moved
+        (storage/change_probe.py): nothing committed, so nothing can be new, and the
+        continuity the reset rule below asks for holds. `force` reads anyway.
+        """
         reader = self.reader
+        probe = self.probe
+        version = probe.version() if probe is not None else None
+        if (
+            not force
+            and version is not None
+            and version == self._read_version
+            and reader.last_id is not None
+        ):
+            self._last_ok = time.monotonic()
+            self.skipped_polls += 1
+            return 0
         if reader.last_id is None:
             await reader.start_position()
             # Entries may have been cached while the position was unknown.
@@ -339,6 +361,8 @@ class ChangeFeed:
         for kind, ref in changes:
             self.on_change(kind, ref)
         self.applied_id = reader.last_id
+        # Taken before the read: a commit during the read moves it again.
+        self._read_version = version
         return len(changes)
 
     async def _poll_loop(self) -> None:
@@ -347,9 +371,10 @@ class ChangeFeed:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):
                     await self._wake.wait()
+            forced = self._wake.is_set()
             self._wake.clear()
             try:
-                await self.poll_once()
+                await self.poll_once(force=forced)
             except Exception as exc:  # noqa: BLE001 (database down: keep the cache, retry)
                 self.poll_errors += 1
                 if self.poll_errors == 1 or self.poll_errors % 100 == 0:

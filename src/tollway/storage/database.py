@@ -26,6 +26,8 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.util.concurrency import await_
 
+from tollway.storage.change_probe import DataVersionProbe
+
 if TYPE_CHECKING:
     from sqlalchemy.dialects.postgresql import Insert as PgInsert
     from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
@@ -112,6 +114,16 @@ class Database:
     @property
     def is_sqlite(self) -> bool:
         return self.url.startswith("sqlite")
+
+    def change_probe(self) -> DataVersionProbe | None:
+        """A cheap "did anything commit?" for a SQLite file; None for other databases
+        (and for in-memory or URL-parameterised SQLite), which are simply polled."""
+        if not self.is_sqlite:
+            return None
+        path = self.url.split(":///", 1)[-1]
+        if not path or path == ":memory:" or "?" in path:
+            return None
+        return DataVersionProbe(Path(path))
 
     @property
     def dialect(self) -> str:

@@ -25,6 +25,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm.exc import StaleDataError
 
+from tollway.storage.change_probe import DataVersionProbe
 from tollway.storage.database import Database
 from tollway.storage.models import UpstreamTarget, utcnow
 from tollway.upstream.discovery import TargetsChanged, format_host_port, parse_host_port
@@ -116,6 +117,13 @@ class RegistrationStore:
         self._db = database
         # Must return timezone-aware UTC datetimes (tests pass a fake one).
         self._clock = clock
+
+    def now(self) -> datetime:
+        """The store's clock: what expiry is judged by."""
+        return self._clock()
+
+    def change_probe(self) -> DataVersionProbe | None:
+        return self._db.change_probe()
 
     async def register(
         self,
@@ -223,6 +231,8 @@ class RegistrationWatcher:
     Polling (each `interval`) rather than a change feed: expiry is a change nobody
     writes, so only reading at the time can see it. Each poll is one indexed query.
     Expired rows are purged every `purge_interval` seconds so the table stays small.
+    On SQLite a poll reads only when something committed (storage/change_probe.py)
+    or when the first of the registrations read last time has expired since.
     """
 
     def __init__(
@@ -241,6 +251,12 @@ class RegistrationWatcher:
         self._failing = False
         self._next_purge = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._probe = store.change_probe()
+        # The probe's version when the last successful read began, and the first
+        # expiry among the registrations it returned.
+        self._read_version: int | None = None
+        self._next_expiry: datetime | None = None
+        self.skipped_polls = 0
 
     @property
     def current(self) -> Mapping[str, tuple[Target, ...]]:
@@ -259,10 +275,21 @@ class RegistrationWatcher:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._probe is not None:
+            self._probe.close()
 
     async def poll_once(self) -> None:
         """Read the live registrations; report every service whose set changed
         since the last poll (to empty when its last target expired or left)."""
+        version = self._probe.version() if self._probe is not None else None
+        if (
+            version is not None
+            and version == self._read_version
+            and (self._next_expiry is None or self._store.now() < self._next_expiry)
+        ):
+            self.skipped_polls += 1  # nothing committed, nothing expired
+            await self._maybe_purge()
+            return
         try:
             async with asyncio.timeout(_POLL_TIMEOUT):
                 registrations = await self._store.live()
@@ -278,6 +305,9 @@ class RegistrationWatcher:
         if self._failing:
             self._failing = False
             log.info("registrations_poll_recovered")
+        # Taken before the read: a commit during the read moves the version again.
+        self._read_version = version
+        self._next_expiry = min((r.expires_at for r in registrations), default=None)
         grouped: dict[str, list[Target]] = {}
         for r in registrations:
             grouped.setdefault(r.service, []).append(r.to_target())
