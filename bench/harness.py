@@ -29,9 +29,13 @@ class BenchError(RuntimeError):
 # ---------------------------------------------------------------- tools
 
 
-def ensure_tools() -> None:
-    """Install nginx-light and wrk with apt when missing (CI and fresh machines)."""
-    missing = [t for t in ("nginx", "wrk") if find_tool(t) is None]
+# Each tool the benchmark runs, and the Debian package that brings it.
+PACKAGES = {"nginx": "nginx-light", "wrk": "wrk", "redis-server": "redis-server"}
+
+
+def ensure_tools(names: Sequence[str] = ("nginx", "wrk")) -> None:
+    """Install the tools in `names` with apt when missing (CI and fresh machines)."""
+    missing = [t for t in names if find_tool(t) is None]
     if not missing:
         return
     apt = shutil.which("apt-get")
@@ -46,8 +50,9 @@ def ensure_tools() -> None:
     print(f"installing {', '.join(missing)} with apt-get ...", flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run([*prefix, apt, "update"], check=True, env=env)
-    subprocess.run([*prefix, apt, "install", "-y", "nginx-light", "wrk"], check=True, env=env)
-    still = [t for t in ("nginx", "wrk") if find_tool(t) is None]
+    packages = [PACKAGES[t] for t in missing]
+    subprocess.run([*prefix, apt, "install", "-y", *packages], check=True, env=env)
+    still = [t for t in missing if find_tool(t) is None]
     if still:
         raise BenchError(f"{', '.join(still)} still missing after apt-get install")
 
