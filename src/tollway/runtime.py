@@ -118,7 +118,8 @@ def open_limits(settings: Settings) -> LimitService:
 
 def open_bans(settings: Settings) -> BanStore:
     """Abuse bans: shared through Redis when configured, else this process's own."""
-    from tollway.limits.bans import MemoryBans, RedisBans
+    from tollway.limits.bans import MemoryBans
+    from tollway.limits.redis_bans import RedisBans
 
     if settings.redis_url:
         return RedisBans.from_url(settings.redis_url)

@@ -28,9 +28,9 @@ from tollway.limits.bans import (
     BanPolicy,
     BanStoreUnavailable,
     MemoryBans,
-    RedisBans,
 )
 from tollway.limits.breaker import StoreBreaker
+from tollway.limits.redis_bans import RedisBans
 from tollway.observability.abuse_metrics import AbuseMetrics
 from tollway.observability.metrics import render_latest, setup_multiprocess
 from tollway.plugins.abuse_detection import AbuseDetection, AbuseDetectionConfig

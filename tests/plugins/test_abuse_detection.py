@@ -31,7 +31,8 @@ from tollway.gateway.app import Gateway
 from tollway.gateway.context import Response
 from tollway.gateway.errors import GatewayError
 from tollway.identity import consumers, keys
-from tollway.limits.bans import BanStore, MemoryBans, RedisBans
+from tollway.limits.bans import BanStore, MemoryBans
+from tollway.limits.redis_bans import RedisBans
 from tollway.observability.health import HealthRegistry
 from tollway.plugins.abuse_detection import AbuseDetection, AbuseDetectionConfig, normalize_ip
 from tollway.runtime import Runtime

@@ -17,7 +17,7 @@ other callback be.
 Redis is an optimisation here: every breaker works locally without it. So nothing
 in this module raises into its caller; publishing is fire and forget, and the
 subscription reconnects with backoff, logging once per outage. The subscriber
-loop follows limits/bans.py's RedisBans.
+loop follows limits/redis_bans.py's RedisBans.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("tollway.circuits")
 
-# Pub/sub liveness as in limits/bans.py: a PING every second; silence for the
+# Pub/sub liveness as in limits/redis_bans.py: a PING every second; silence for the
 # deadline means a dead connection even if the socket does not say so.
 PING_INTERVAL = 1.0
 DEAD_AFTER = 3.0
