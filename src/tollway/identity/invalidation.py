@@ -36,6 +36,7 @@ from sqlalchemy import delete, func, or_, select
 
 from tollway.storage.database import Database
 from tollway.storage.models import CacheInvalidation, utcnow
+from tollway.storage.redis_pubsub import listen
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -63,11 +64,9 @@ PURGE_INTERVAL = 600.0
 # lost in a reconnect. Once a second keeps even those near the 1 s refusal bound,
 # for one indexed query per second per process.
 REDIS_POLL_INTERVAL = 1.0
-# Redis pub/sub liveness: a PING every second; no answer at all for the deadline
-# means the connection is dead even if the socket does not say so (a blackholed
-# network), and the fast poll takes over.
-REDIS_PING_INTERVAL = 1.0
-REDIS_DEAD_AFTER = 3.0
+# Redis pub/sub liveness (storage/redis_pubsub.py): silence past its deadline means
+# the connection is dead even if the socket does not say so (a blackholed network),
+# and the fast poll takes over.
 REDIS_CONNECT_TIMEOUT = 5.0
 PUBLISH_TIMEOUT = 1.0
 
@@ -423,22 +422,12 @@ class ChangeFeed:
             backoff = min(backoff * 2, 10.0)
 
     async def _listen(self, pubsub: Any) -> None:
-        last_heard = time.monotonic()
-        last_ping = last_heard
-        while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            now = time.monotonic()
-            if message is not None:
-                last_heard = now
-                if message.get("type") == "message":
-                    self.redis_messages += 1
-                    for kind, ref in decode(message.get("data") or b""):
-                        self.on_change(kind, ref)
-            if now - last_heard > REDIS_DEAD_AFTER:
-                raise ConnectionError("no answer from Redis")
-            if now - last_ping >= REDIS_PING_INTERVAL:
-                last_ping = now
-                await pubsub.ping()
+        await listen(pubsub, self._heard)
+
+    def _heard(self, data: bytes) -> None:
+        self.redis_messages += 1
+        for kind, ref in decode(data):
+            self.on_change(kind, ref)
 
 
 async def _close_pubsub(pubsub: Any) -> None:

@@ -26,6 +26,7 @@ from tollway.limits.bans import (
     check_kind,
 )
 from tollway.limits.breaker import StoreBreaker
+from tollway.storage.redis_pubsub import listen
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -90,10 +91,6 @@ return existed
 
 # Failures sent per pipeline (one round trip each).
 FLUSH_CHUNK = 500
-# Pub/sub liveness, as in identity/invalidation.py: a PING every second; silence
-# for the deadline means a dead connection even if the socket does not say so.
-PING_INTERVAL = 1.0
-DEAD_AFTER = 3.0
 CONNECT_TIMEOUT = 5.0
 
 
@@ -489,17 +486,8 @@ class RedisBans(BanStore):
             backoff = min(backoff * 2, 10.0)
 
     async def _listen(self, pubsub: Any) -> None:
-        last_heard = last_ping = time.monotonic()
-        while not self._closing:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            now = time.monotonic()
-            if message is not None:
-                last_heard = now
-                if message.get("type") == "message":
-                    self.messages += 1
-                    self.on_message(message.get("data") or b"")
-            if now - last_heard > DEAD_AFTER:
-                raise ConnectionError("no answer from Redis")
-            if now - last_ping >= PING_INTERVAL:
-                last_ping = now
-                await pubsub.ping()
+        await listen(pubsub, self._heard, lambda: not self._closing)
+
+    def _heard(self, data: bytes) -> None:
+        self.messages += 1
+        self.on_message(data)

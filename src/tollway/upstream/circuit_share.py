@@ -17,7 +17,7 @@ other callback be.
 Redis is an optimisation here: every breaker works locally without it. So nothing
 in this module raises into its caller; publishing is fire and forget, and the
 subscription reconnects with backoff, logging once per outage. The subscriber
-loop follows limits/redis_bans.py's RedisBans.
+loop's liveness check (PING, silence = dead) is storage/redis_pubsub.py's.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import asyncio
 import contextlib
 import json
 import math
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from tollway.storage.redis_pubsub import listen
 from tollway.upstream.circuit import BreakerState, CircuitBreaker, Transition
 
 if TYPE_CHECKING:
@@ -39,10 +39,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("tollway.circuits")
 
-# Pub/sub liveness as in limits/redis_bans.py: a PING every second; silence for the
-# deadline means a dead connection even if the socket does not say so.
-PING_INTERVAL = 1.0
-DEAD_AFTER = 3.0
 CONNECT_TIMEOUT = 5.0
 # start() waits this long at most for the first subscription and load: with Redis
 # up they take milliseconds, with Redis down (redis-py retries a refused connect
@@ -262,19 +258,7 @@ class CircuitShare:
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _listen(self, pubsub: Any) -> None:
-        last_heard = last_ping = time.monotonic()
-        while not self._closing:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            now = time.monotonic()
-            if message is not None:
-                last_heard = now
-                if message.get("type") == "message":
-                    self.on_message(message.get("data") or b"")
-            if now - last_heard > DEAD_AFTER:
-                raise ConnectionError("no answer from Redis")
-            if now - last_ping >= PING_INTERVAL:
-                last_ping = now
-                await pubsub.ping()
+        await listen(pubsub, self.on_message, lambda: not self._closing)
 
 
 def share_opens(share: CircuitShare, then: Transition | None = None) -> Transition:
