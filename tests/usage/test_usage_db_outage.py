@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from usage_helpers import count_records, event, request_ids, rollup_sums, until, usage_settings
@@ -162,3 +163,67 @@ async def test_outages_at_any_moment_still_write_each_row_once() -> None:
         ids = await request_ids(direct)
         assert len(ids) == len(set(ids)) == n
         assert (await rollup_sums(direct))["requests"] == n
+
+
+async def test_a_write_whose_answer_the_network_lost_does_not_block_the_next() -> None:
+    """The write's COPY goes on, but its answer (and then the driver's cancel
+    request) is lost to a dead network. The writer must drop that connection hard:
+    left open, it stays in its transaction on the server, and every retry of the
+    batch waits on it."""
+    async with pg_schema_database() as direct:
+        async with FaultRelay("127.0.0.1", 5432) as relay:
+            assert direct.schema is not None
+            through = Database(
+                f"postgresql+asyncpg://postgres@127.0.0.1:{relay.port}/test",
+                schema=direct.schema,
+            )
+            recorder = UsageRecorder(
+                through,
+                usage_settings(usage_batch_size=50, usage_flush_interval=0.01),
+                write_timeout=2.0,
+                retry_initial=0.05,
+                retry_max=0.2,
+            )
+            records = f'"{direct.schema}".usage_records'
+            loop = asyncio.get_running_loop()
+
+            async def server_says(watcher: Any, sql: str) -> Any:
+                value = (await watcher.exec_driver_sql(sql)).scalar()
+                await watcher.rollback()
+                return value
+
+            async with direct.engine.connect() as locker, direct.engine.connect() as watcher:
+                # The records table locked: the write's COPY waits.
+                await locker.begin()
+                await locker.exec_driver_sql(f"LOCK TABLE {records} IN SHARE MODE")
+                recorder.start()
+                try:
+                    for n in range(50):
+                        recorder.record(event(n))
+                    deadline = loop.time() + 30
+                    while not (writer := await server_says(watcher, (
+                        "SELECT pid FROM pg_locks"
+                        f" WHERE relation = '{records}'::regclass AND NOT granted"
+                    ))):
+                        assert loop.time() < deadline, "the write never waited"
+                        await asyncio.sleep(0.01)  # polling the server, with a deadline
+                    # The network dies, then the lock goes: the server goes on with
+                    # the write, answers into the void and waits for the client.
+                    relay.blackhole()
+                    await locker.rollback()
+                    waits_for = f"SELECT wait_event_type FROM pg_stat_activity WHERE pid = {writer}"
+                    while await server_says(watcher, waits_for) != "Client":
+                        assert loop.time() < deadline, "the write never went on"
+                        await asyncio.sleep(0.01)  # polling the server, with a deadline
+                    await until(lambda: recorder.write_errors >= 1, what="the write timing out")
+                    relay.passthrough()
+                    await until(lambda: recorder.written == 50, timeout=20, what="all written")
+                    await recorder.stop(5)
+                finally:
+                    await recorder.stop(0)
+                    await through.dispose()
+
+        assert recorder.dropped == 0
+        ids = await request_ids(direct)
+        assert sorted(ids) == sorted(f"req-{n}" for n in range(50))
+        assert (await rollup_sums(direct))["requests"] == 50

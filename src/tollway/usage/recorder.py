@@ -16,12 +16,20 @@ events up to its bound: nothing is lost silently; everything is either written,
 or pending, or counted as dropped.
 
 Timeouts. On PostgreSQL each write attempt is bounded by `write_timeout` (a stalled
-network must not hang the writer forever); a cancelled attempt is safe to retry
-because the batch keeps its sequence ids (writer.py). On SQLite an attempt is not
-cancelled: aiosqlite runs it in a thread that would finish the COMMIT anyway,
-leaving its outcome unknown; SQLite cannot stall on a network, and its own
-busy_timeout (10 s) bounds a wait for the write lock, after which the attempt
-fails cleanly and is retried.
+network must not hang the writer forever); an abandoned attempt is safe to retry
+because the batch keeps its sequence ids (writer.py). A stalled attempt's
+connection is closed hard rather than cancelled: asyncpg cancels a query with a
+CancelRequest on a new connection, and closes the old one only once that request is
+answered, with no bound on the wait. On a network that drops the request the
+attempt never ended, and its transaction stayed open on the server, so every retry
+of the batch timed out waiting on it (seen in the fault tests: no usage written for
+as long as the dead cancel connection stayed open). A hard close reaches the server
+as soon as the network does, and the server rolls the transaction back.
+
+On SQLite an attempt is not cancelled: aiosqlite runs it in a thread that would
+finish the COMMIT anyway, leaving its outcome unknown; SQLite cannot stall on a
+network, and its own busy_timeout (10 s) bounds a wait for the write lock, after
+which the attempt fails cleanly and is retried.
 
 A batch the database refuses for its content (a value it cannot store, though
 writer.event_row makes that unlikely) is split in halves until the refused event
@@ -69,8 +77,9 @@ RETRY_MAX_STOPPING = 0.5
 PURGE_INTERVAL = 3600.0
 PURGE_FIRST_DELAY = 60.0
 PURGE_TIMEOUT = 600.0
-# After a write attempt timed out and was cancelled, how long its cleanup (SQLAlchemy
-# closing the stalled connection) may take before the writer stops waiting for it.
+# After a write attempt timed out and its connection was closed (or, before it had
+# one, it was cancelled), how long its cleanup may take before the writer cancels it
+# (again) and, after as long once more, stops waiting for it.
 CANCEL_GRACE = 5.0
 
 
@@ -88,6 +97,26 @@ async def _wait(event: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(max(seconds, 0.0)):
             await event.wait()
+
+
+def _end_attempt(task: asyncio.Task[bool], connections: list[Any]) -> None:
+    """Stop a write attempt: close its connection hard (the module docstring says
+    why not a cancellation), or cancel it while it has none yet."""
+    if task.done():
+        return
+    task.add_done_callback(_retrieve)
+    if connections:
+        for driver in connections:
+            driver.terminate()
+    else:
+        task.cancel()
+
+
+def _retrieve(task: asyncio.Task[bool]) -> None:
+    # The attempt already counted as failed; its own ending error (the connection
+    # it was told to drop is closed) is expected and not worth a log line.
+    if not task.cancelled():
+        task.exception()
 
 
 class UsageRecorder:
@@ -318,19 +347,25 @@ class UsageRecorder:
     async def _attempt(self, batch: Batch) -> bool:
         if self.database.is_sqlite:
             return await write_batch(self.database, batch)
-        task = asyncio.ensure_future(write_batch(self.database, batch))
+        connections: list[Any] = []
+        task = asyncio.ensure_future(write_batch(self.database, batch, connections))
         try:
             done, _ = await asyncio.wait({task}, timeout=self.write_timeout)
         except asyncio.CancelledError:
-            task.cancel()
+            _end_attempt(task, connections)
             raise
         if done:
             return task.result()
-        task.cancel()
-        # SQLAlchemy closes the stalled connection on cancel (a bounded graceful
-        # close, then a hard one); never wait on it forever.
-        done, _ = await asyncio.wait({task}, timeout=CANCEL_GRACE)
-        if not done:
+        _end_attempt(task, connections)
+        for _ in range(2):
+            done, _ = await asyncio.wait({task}, timeout=CANCEL_GRACE)
+            if done:
+                break
+            # Still stuck: in a pool pre-ping or a connect, which asyncpg also ends
+            # through a CancelRequest. A second cancellation makes SQLAlchemy give
+            # up its graceful close and close the connection hard.
+            task.cancel()
+        else:
             self._abandoned.add(task)
             task.add_done_callback(self._abandoned.discard)
         raise WriteTimeout(f"usage write took over {self.write_timeout} s")

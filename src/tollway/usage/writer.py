@@ -296,9 +296,9 @@ async def _insert_sqlite(conn: AsyncConnection, rows: list[Row]) -> None:
     await conn.exec_driver_sql(_SQLITE_INSERT, params)
 
 
-async def _insert_postgres(conn: AsyncConnection, rows: list[Row], ids: list[int]) -> None:
-    raw = await conn.get_raw_connection()
-    driver: Any = raw.driver_connection
+async def _insert_postgres(
+    conn: AsyncConnection, driver: Any, rows: list[Row], ids: list[int]
+) -> None:
     # The transaction is already open on this connection (the id statement ran
     # first through SQLAlchemy), so the COPY commits or rolls back with the batch.
     await driver.copy_records_to_table(
@@ -308,23 +308,30 @@ async def _insert_postgres(conn: AsyncConnection, rows: list[Row], ids: list[int
     )
 
 
-async def write_batch(database: Database, batch: Batch) -> bool:
+async def write_batch(
+    database: Database, batch: Batch, connections: list[Any] | None = None
+) -> bool:
     """Write the batch (rows and rollups) in one transaction.
 
     Returns False when an earlier attempt turns out to have committed it already
-    (PostgreSQL retries only), True when this call wrote it.
+    (PostgreSQL retries only), True when this call wrote it. On PostgreSQL the
+    driver connection it writes on is appended to `connections`, so that a caller
+    whose attempt stalls can close it hard (recorder.py says why).
     """
     if not batch.rows:
         return True
     async with database.engine.begin() as conn:
         if database.dialect == "postgresql":
+            driver: Any = (await conn.get_raw_connection()).driver_connection
+            if connections is not None:
+                connections.append(driver)
             # Always a statement through SQLAlchemy first: it opens the transaction
             # that the COPY below joins.
             if batch.ids is None:
                 batch.ids = await _allocate_ids(conn, len(batch.rows))
             elif await _already_written(conn, batch.ids[0]):
                 return False
-            await _insert_postgres(conn, batch.rows, batch.ids)
+            await _insert_postgres(conn, driver, batch.rows, batch.ids)
         else:
             await _insert_sqlite(conn, batch.rows)
         await conn.execute(upsert_statement(database.dialect), rollup_rows(batch.rows))
