@@ -80,6 +80,10 @@ class EmbeddedServer:
             port=self._port,
             uds=str(self._uds) if self._uds is not None else None,
             lifespan="on",
+            # No app served here has a WebSocket route, and uvicorn's WebSocket
+            # protocol (the websockets package) costs about 5 MB of resident memory
+            # once loaded. An upgrade request is answered as plain HTTP.
+            ws="none",
             # Logging is configured once by tollway.observability.logging; uvicorn's
             # records propagate to that root handler.
             log_config=None,
