@@ -346,6 +346,9 @@ class WrkResult:
     p99_ms: float
     socket_errors: dict[str, int] = field(default_factory=dict)
     non_2xx: int = 0
+    # When there were non-2xx answers: what the gateway says it answered in that run,
+    # "status 502" and "code upstream_unavailable" counts from its /metrics.
+    answered: dict[str, int] = field(default_factory=dict)
 
     @property
     def errors(self) -> int:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -482,6 +483,25 @@ def gateway_requests(admin_port: int) -> int:
     return round(total)
 
 
+def gateway_answers(admin_port: int) -> Counter[str]:
+    """What the gateway answered so far, from its /metrics: "status 200" counts (from
+    tollway_requests_total) and "code <error code>" counts (tollway_gateway_errors_total)."""
+    status, body = http_get(admin_port, "/metrics")
+    if status != 200:
+        raise BenchError(f"GET /metrics on the admin port gave {status}")
+    found: Counter[str] = Counter()
+    for line in body.decode().splitlines():
+        for family, label, kind in (
+            ("tollway_requests_total{", "status", "status"),
+            ("tollway_gateway_errors_total{", "code", "code"),
+        ):
+            if line.startswith(family):
+                match = re.search(label + r'="([^"]*)"', line)
+                if match is not None:
+                    found[f"{kind} {match.group(1)}"] += round(float(line.rsplit(None, 1)[1]))
+    return found
+
+
 def namespaced_config(tmp: Path, name: str, namespace: str) -> Path:
     """A temp copy of configs/<name> with the rate-limit namespace made unique."""
     text = (CONFIGS / name).read_text()
@@ -681,7 +701,13 @@ def measure_rounds(
             alone(targets, t)
             waited = wait_quiet()
             try:
+                before = gateway_answers(t.admin_port) if t.admin_port else None
                 r = counted(t, partial(wrk_for, t, cores, duration, connections))
+                if r.non_2xx and before is not None:
+                    # Which answers wrk counted as errors: kept in the results.
+                    after = gateway_answers(t.admin_port)
+                    after.subtract(before)
+                    r.answered = {k: v for k, v in sorted(after.items()) if v > 0}
             except BenchError as exc:
                 t.error = str(exc)
                 continue
@@ -690,6 +716,7 @@ def measure_rounds(
                 f"round {rnd}/{rounds} {t.label:<40} {r.rps:>10.1f} req/s  "
                 f"p50 {fmt_ms(r.p50_ms)}  p99 {fmt_ms(r.p99_ms)}"
                 + (f"  errors {r.errors}" if r.errors else "")
+                + (f" {r.answered}" if r.answered else "")
                 + (f"  (waited {waited:.1f}s for a quiet machine)" if waited > 1.0 else "")
             )
     for t in targets:
@@ -1183,13 +1210,13 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     extra_env: dict[str, str] = {}
                     config = CONFIGS / conf
+                    t.admin_port = free_port()
                     if key == "ratelimitredis":
                         # A namespace of its own: the shared Redis keeps other runs'
                         # counters, and this run must neither see nor touch them.
                         namespace = f"bench-{uuid.uuid4().hex[:12]}"
                         config = namespaced_config(tmp, conf, namespace)
                         extra_env["TOLLWAY_REDIS_URL"] = args.redis_url
-                        t.admin_port = free_port()
                         t.redis = EvalCount(args.redis_url, t.admin_port, namespace)
                     if key in KEYED:
                         data_dir = tmp / f"tollway-{key}-data"
