@@ -22,6 +22,14 @@ from tollway.usage.recorder import UsageRecorder
 pytestmark = [pytest.mark.needs_postgres, pytest.mark.usefixtures("frozen_heap")]
 
 
+def via(relay: FaultRelay, direct: Database) -> Database:
+    """The test's database (its schema), reached through the relay."""
+    assert direct.schema is not None
+    return Database(
+        f"postgresql+asyncpg://postgres@127.0.0.1:{relay.port}/test", schema=direct.schema
+    )
+
+
 def blackhole(relay: FaultRelay) -> None:
     # Open connections and new ones: nothing is forwarded, nothing answers.
     relay.blackhole()
@@ -39,11 +47,7 @@ async def test_database_stops_answering_nothing_is_lost(
 ) -> None:
     async with pg_schema_database() as direct:
         async with FaultRelay("127.0.0.1", 5432) as relay:
-            assert direct.schema is not None
-            through = Database(
-                f"postgresql+asyncpg://postgres@127.0.0.1:{relay.port}/test",
-                schema=direct.schema,
-            )
+            through = via(relay, direct)
             recorder = UsageRecorder(
                 through,
                 usage_settings(usage_batch_size=200, usage_queue_size=50_000),
@@ -91,11 +95,7 @@ async def test_slow_database_is_absorbed_by_the_queue() -> None:
     """100 ms of network delay per round trip: records keep flowing, all land."""
     async with pg_schema_database() as direct:
         async with FaultRelay("127.0.0.1", 5432) as relay:
-            assert direct.schema is not None
-            through = Database(
-                f"postgresql+asyncpg://postgres@127.0.0.1:{relay.port}/test",
-                schema=direct.schema,
-            )
+            through = via(relay, direct)
             recorder = UsageRecorder(
                 through, usage_settings(usage_batch_size=500)
             )
@@ -120,11 +120,7 @@ async def test_outages_at_any_moment_still_write_each_row_once() -> None:
     its answer): every row lands exactly once, and the rollups agree with the rows."""
     async with pg_schema_database() as direct:
         async with FaultRelay("127.0.0.1", 5432) as relay:
-            assert direct.schema is not None
-            through = Database(
-                f"postgresql+asyncpg://postgres@127.0.0.1:{relay.port}/test",
-                schema=direct.schema,
-            )
+            through = via(relay, direct)
             recorder = UsageRecorder(
                 through,
                 usage_settings(usage_batch_size=50, usage_flush_interval=0.01),
@@ -172,11 +168,7 @@ async def test_a_write_whose_answer_the_network_lost_does_not_block_the_next() -
     batch waits on it."""
     async with pg_schema_database() as direct:
         async with FaultRelay("127.0.0.1", 5432) as relay:
-            assert direct.schema is not None
-            through = Database(
-                f"postgresql+asyncpg://postgres@127.0.0.1:{relay.port}/test",
-                schema=direct.schema,
-            )
+            through = via(relay, direct)
             recorder = UsageRecorder(
                 through,
                 usage_settings(usage_batch_size=50, usage_flush_interval=0.01),
