@@ -473,14 +473,7 @@ def delete_namespace(url: str, namespace: str) -> int:
 
 def gateway_requests(admin_port: int) -> int:
     """Requests the gateway answered: tollway_requests_total summed over its labels."""
-    status, body = http_get(admin_port, "/metrics")
-    if status != 200:
-        raise BenchError(f"GET /metrics on the admin port gave {status}")
-    total = 0.0
-    for line in body.decode().splitlines():
-        if line.startswith("tollway_requests_total"):
-            total += float(line.rsplit(None, 1)[1])
-    return round(total)
+    return sum(n for what, n in gateway_answers(admin_port).items() if what.startswith("status "))
 
 
 def gateway_answers(admin_port: int) -> Counter[str]:
